@@ -1,0 +1,362 @@
+"""From an input (raw stream, pcap, pcapng) to per-migration results.
+
+The pipeline: capture reader -> frame parser -> TCP reassembly (analyzer.capture)
+-> StreamDecoder (records and findings) -> BitmapTracker (bitmaps) -> summary.
+Everything is streamed; nothing here keeps data that grows with the capture,
+except the findings list and what callers choose to keep from `on_event`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analyzer import findings
+from analyzer.bitmaps import BitmapTracker, DestinationContext
+from analyzer.capture import (
+    CaptureFormatError,
+    CaptureReader,
+    FlowKey,
+    StreamClosed,
+    StreamData,
+    StreamGap,
+    StreamOpened,
+    StreamReset,
+    TcpReassembler,
+    parse_frame,
+    sniff_format,
+)
+from analyzer.decoder import StreamDecoder
+from analyzer.records import Event, Finding, Record, Severity
+from dissectors.grammar import QEVM_MAGIC
+
+RAW_CHUNK = 1 << 20
+
+EventSink = Callable[["MigrationStream", Event], None]
+
+
+class InputError(Exception):
+    """The input cannot be read at all (exit code 2)."""
+
+
+@dataclass
+class AnalysisOptions:
+    port: int | None = None
+    ram_detail: bool = False
+    keep_buffers: bool = True
+    destination: DestinationContext | None = None
+    aliases: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    vmdesc: dict[str, Any] | None = None
+
+
+class MigrationStream:
+    """One migration stream: its decoder, bitmap tracker and running summary."""
+
+    def __init__(self, name: str, options: AnalysisOptions, sink: EventSink | None = None,
+                 flow: FlowKey | None = None) -> None:
+        self.name = name
+        self.flow = flow
+        self.decoder = StreamDecoder(vmdesc=options.vmdesc, ram_detail=options.ram_detail)
+        self.tracker = BitmapTracker(options.destination, options.aliases)
+        self.findings: list[Finding] = []
+        self.section_bytes: Counter[str] = Counter()
+        self.record_counts: Counter[str] = Counter()
+        self.phases: list[str] = []
+        self.iterations = 0
+        self.sink = sink
+        self.keep_buffers = options.keep_buffers
+        self.first_timestamp: float | None = None
+        self.last_timestamp: float | None = None
+        self.bytes_seen = 0
+        self.closed = False
+
+    def feed(self, data: bytes | memoryview, timestamp: float | None = None) -> None:
+        self._note_time(timestamp)
+        self.bytes_seen += len(data)
+        self._handle(self.decoder.feed(data, timestamp))
+
+    def gap(self, length: int, timestamp: float | None = None) -> None:
+        self._note_time(timestamp)
+        self._handle(self.decoder.gap(length, timestamp))
+
+    def add_finding(self, finding: Finding) -> None:
+        self._handle([finding])
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._handle(self.decoder.finish())
+        self._handle(self.tracker.finish(self.decoder.offset))
+
+    def _note_time(self, timestamp: float | None) -> None:
+        if timestamp is None:
+            return
+        if self.first_timestamp is None:
+            self.first_timestamp = timestamp
+        self.last_timestamp = timestamp
+
+    def _handle(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, Record):
+                self.record_counts[event.kind] += 1
+                self.section_bytes[event.section or "(framing)"] += event.length
+                if event.kind == "section-part" and event.section == "ram":
+                    self.iterations += 1
+            else:
+                self.findings.append(event)
+                if event.code == "phase":
+                    self.phases.append(event.message.removeprefix("migration phase: "))
+            if self.sink is not None:
+                self.sink(self, event)
+            for extra in self.tracker.consume(event):
+                self.findings.append(extra)
+                if self.sink is not None:
+                    self.sink(self, extra)
+            if isinstance(event, Record) and not self.keep_buffers:
+                event.fields.pop("buffer", None)
+
+    def result(self) -> dict[str, Any]:
+        ordered = sorted(self.findings, key=lambda f: (f.offset, -f.severity))
+        return {
+            "stream": self.name,
+            "machine_type": self.decoder.machine_type,
+            "phases": self.phases,
+            "ram_iterations": self.iterations,
+            "stream_bytes": self.decoder.offset,
+            "complete": self.decoder.ended,
+            "sections": dict(sorted(self.section_bytes.items())),
+            "records": dict(sorted(self.record_counts.items())),
+            "first_timestamp": self.first_timestamp,
+            "last_timestamp": self.last_timestamp,
+            "bitmaps": self.tracker.results(),
+            "findings": [f.as_json() for f in ordered],
+        }
+
+
+@dataclass
+class AnalysisResult:
+    path: str
+    input_format: str
+    migrations: list[MigrationStream]
+    input_findings: list[Finding] = field(default_factory=list)
+
+    def all_findings(self) -> Iterator[Finding]:
+        yield from self.input_findings
+        for migration in self.migrations:
+            yield from migration.findings
+
+    def worst_severity(self) -> Severity | None:
+        return max((f.severity for f in self.all_findings()), default=None)
+
+    def as_json(self) -> dict[str, Any]:
+        per_stream = [m.result() for m in self.migrations]
+        bitmaps, found = [], [f.as_json() for f in self.input_findings]
+        for result in per_stream:
+            bitmaps += [dict(b, stream=result["stream"]) for b in result["bitmaps"]]
+            found += [dict(f, stream=result["stream"]) for f in result["findings"]]
+        first = per_stream[0] if per_stream else {}
+        return {
+            "input": self.path,
+            "format": self.input_format,
+            "machine_type": first.get("machine_type"),
+            "phases": first.get("phases", []),
+            "sections": first.get("sections", {}),
+            "bitmaps": bitmaps,
+            "findings": found,
+            "migrations": per_stream,
+        }
+
+
+def analyze_path(path: str | os.PathLike[str], options: AnalysisOptions | None = None,
+                 sink: EventSink | None = None) -> AnalysisResult:
+    options = options or AnalysisOptions()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory")
+    try:
+        kind = sniff_format(path)
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from None
+    if kind == "raw":
+        return _analyze_raw(path, options, sink)
+    return _analyze_capture(path, kind, options, sink)
+
+
+def _analyze_raw(path: str, options: AnalysisOptions, sink: EventSink | None) -> AnalysisResult:
+    try:
+        size = os.path.getsize(path)
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from None
+    with handle:
+        if size < 4 or handle.read(4) != QEVM_MAGIC:
+            raise InputError(f"{path}: neither a pcap/pcapng capture nor a QEVM migration stream")
+        if options.vmdesc is None:
+            options.vmdesc = find_vmdescription(handle, size)
+        stream = MigrationStream(Path(path).name, options, sink)
+        while chunk := handle.read(RAW_CHUNK):
+            stream.feed(chunk)
+        stream.finish()
+    return AnalysisResult(path, "raw", [stream])
+
+
+def find_vmdescription(handle: Any, size: int) -> dict[str, Any] | None:
+    """Read the VMDESCRIPTION JSON at the end of a raw precopy stream, if there is one.
+
+    The description is the stream's last item (after EOF), so it can be found from
+    the end: the last `0x00 0x06 be32(len)` whose JSON runs exactly to the end.
+    """
+    import json
+    import struct
+
+    tail_size = min(size, 16 << 20)
+    handle.seek(size - tail_size)
+    tail = handle.read(tail_size)
+    handle.seek(0)
+    pos = len(tail)
+    while True:
+        pos = tail.rfind(b"\x00\x06", 0, pos)
+        if pos < 0:
+            return None
+        if pos + 6 <= len(tail):
+            (length,) = struct.unpack_from(">I", tail, pos + 2)
+            if pos + 6 + length == len(tail) and tail[pos + 6 : pos + 7] == b"{":
+                try:
+                    desc = json.loads(tail[pos + 6 :])
+                except ValueError:
+                    return None
+                return desc if isinstance(desc, dict) else None
+
+
+def _analyze_capture(path: str, kind: str, options: AnalysisOptions, sink: EventSink | None
+                     ) -> AnalysisResult:
+    input_findings: list[Finding] = []
+    try:
+        reader = CaptureReader(path)
+    except CaptureFormatError as error:
+        raise InputError(str(error)) from None
+    except OSError as error:
+        raise InputError(f"{path}: {error.strerror or error}") from None
+    demux = CaptureDemux(options, sink)
+    try:
+        for frame in reader:
+            segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
+            if segment is not None:
+                demux.segment(segment)
+    except CaptureFormatError as error:
+        input_findings.append(findings.make("capture-truncated", str(error), 0))
+    finally:
+        demux.finish()
+    if reader.truncated_at is not None:
+        input_findings.append(findings.make(
+            "capture-truncated",
+            f"the capture file ends inside a record at file offset {reader.truncated_at}: "
+            f"{reader.truncated_reason}", 0))
+    reader.close()
+    if not demux.streams and not input_findings:
+        where = f"on port {options.port}" if options.port else "starting with QEVM"
+        raise InputError(f"{path}: no migration stream found (no TCP flow {where})")
+    return AnalysisResult(path, kind, demux.streams, input_findings)
+
+
+class CaptureDemux:
+    """Feeds TCP segments through reassembly to one MigrationStream per migration flow.
+
+    A flow is a migration when its first bytes are QEVM, or when its destination
+    port is the one asked for. Used by offline analysis and by live capture.
+    """
+
+    def __init__(self, options: AnalysisOptions, sink: EventSink | None = None) -> None:
+        self.options = options
+        self.sink = sink
+        self.reassembler = TcpReassembler()
+        self.streams: list[MigrationStream] = []
+        self._by_flow: dict[FlowKey, MigrationStream] = {}
+        self._pending: dict[FlowKey, bytearray] = {}
+        self._ignored: set[FlowKey] = set()
+        self.on_stream_end: Callable[[MigrationStream], None] | None = None
+
+    def segment(self, segment: Any) -> None:
+        for event in self.reassembler.feed(segment):
+            self._event(event)
+
+    def finish(self) -> None:
+        for event in self.reassembler.finish():
+            self._event(event)
+        for flow, pending in list(self._pending.items()):
+            if self.options.port is not None and flow.dport == self.options.port:
+                self._start(flow).feed(bytes(pending))
+        self._pending.clear()
+        for stream in self.streams:
+            if not stream.closed:
+                self._end(stream)
+
+    def _start(self, flow: FlowKey) -> MigrationStream:
+        stream = MigrationStream(str(flow), self.options, self.sink, flow)
+        self._by_flow[flow] = stream
+        self.streams.append(stream)
+        return stream
+
+    def _end(self, stream: MigrationStream) -> None:
+        stream.finish()
+        if self.on_stream_end is not None:
+            self.on_stream_end(stream)
+
+    def _event(self, event: Any) -> None:
+        flow = event.flow
+        if isinstance(event, StreamData):
+            stream = self._by_flow.get(flow)
+            if stream is not None:
+                stream.feed(event.data, event.timestamp)
+                return
+            if flow in self._ignored:
+                return
+            pending = self._pending.setdefault(flow, bytearray())
+            if event.offset != len(pending):
+                # The flow's start is missing; only --port can claim it.
+                if self.options.port is not None and flow.dport == self.options.port:
+                    stream = self._start(flow)
+                    stream.gap(event.offset - len(pending), event.timestamp)
+                    stream.feed(event.data, event.timestamp)
+                else:
+                    self._ignored.add(flow)
+                self._pending.pop(flow, None)
+                return
+            pending += event.data
+            if len(pending) < 4:
+                return
+            del self._pending[flow]
+            by_port = self.options.port is not None and flow.dport == self.options.port
+            by_magic = self.options.port is None and pending[:4] == QEVM_MAGIC
+            if by_port or by_magic:
+                self._start(flow).feed(bytes(pending), event.timestamp)
+            else:
+                self._ignored.add(flow)
+        elif isinstance(event, StreamGap):
+            stream = self._by_flow.get(flow)
+            if stream is not None:
+                stream.gap(event.length, event.timestamp)
+        elif isinstance(event, StreamReset):
+            for stream in (self._by_flow.get(flow), self._by_flow.get(flow.reverse())):
+                if stream is not None and not stream.closed:
+                    side = "destination" if stream.flow != flow else "source"
+                    stream.add_finding(findings.make(
+                        "peer-reset", f"TCP RST from the {side} ({flow.src}:{flow.sport}) "
+                        f"after {stream.decoder.offset} stream bytes",
+                        stream.decoder.offset))
+            stream = self._by_flow.get(flow)
+            if stream is not None:
+                self._end(stream)
+        elif isinstance(event, StreamClosed):
+            stream = self._by_flow.get(flow)
+            if stream is not None:
+                self._end(stream)
+        elif isinstance(event, StreamOpened):
+            pass

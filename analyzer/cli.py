@@ -1,0 +1,211 @@
+"""The `migshark` command line.
+
+Exit codes (CI-friendly): 0 when no finding is an error, 1 when one is, 2 when the
+input cannot be read at all (with a one-line reason on stderr, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from analyzer.analysis import (
+    AnalysisOptions,
+    AnalysisResult,
+    InputError,
+    MigrationStream,
+    analyze_path,
+)
+from analyzer.records import Event, Finding, Record, Severity
+
+EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_UNREADABLE
+    try:
+        return int(args.handler(args))
+    except InputError as error:
+        print(f"migshark: {error}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    except BrokenPipeError:
+        # The reader (head, less) went away; keep Python from complaining at exit.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migshark",
+        description="Analyze QEMU live-migration streams and their dirty bitmaps.",
+    )
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    analyze = sub.add_parser("analyze", help="summarise a capture or raw stream")
+    _input_arguments(analyze)
+    analyze.add_argument("--json", action="store_true", help="print one JSON object")
+    analyze.set_defaults(handler=cmd_analyze)
+
+    dump = sub.add_parser("dump", help="one line per record, like tshark")
+    _input_arguments(dump)
+    dump.add_argument("-V", "--verbose", action="store_true",
+                      help="print every field of each record")
+    dump.add_argument("--ram-detail", action="store_true",
+                      help="one record per RAM page instead of one per section payload")
+    dump.set_defaults(handler=cmd_dump)
+    return parser
+
+
+def _input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="pcap, pcapng or raw migration stream")
+    parser.add_argument("--port", type=int, default=None,
+                        help="TCP port of the destination (default: find flows starting "
+                             "with QEVM)")
+
+
+def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
+    return AnalysisOptions(port=args.port, **extra)
+
+
+def exit_code(result: AnalysisResult) -> int:
+    return EXIT_ERRORS if result.worst_severity() == Severity.ERROR else EXIT_OK
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    result = analyze_path(args.path, _options(args, keep_buffers=True))
+    if args.json:
+        json.dump(result.as_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_summary(result))
+    return exit_code(result)
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    numbers = {"n": 0}
+
+    def sink(stream: MigrationStream, event: Event) -> None:
+        numbers["n"] += 1
+        out.write(format_event_line(numbers["n"], event) + "\n")
+        if args.verbose and isinstance(event, Record):
+            for line in format_record_detail(event):
+                out.write("    " + line + "\n")
+
+    result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
+                                              keep_buffers=True), sink)
+    for finding in result.input_findings:
+        out.write(format_event_line(0, finding) + "\n")
+    return exit_code(result)
+
+
+# --- text formatting (also used by the TUI's text export) ----------------------
+
+_KEY_FIELDS = ("idstr", "section_id", "machine_type", "command", "packaged_length",
+               "granularity", "bitmap_flags", "first_sector", "sector_count", "zeroes",
+               "buffer_size", "pages", "zero_pages", "total_bytes", "method", "size",
+               "devices", "addr", "block")
+
+
+def record_info(record: Record) -> str:
+    parts = []
+    for key in _KEY_FIELDS:
+        if key in record.fields:
+            value = record.fields[key]
+            if key in ("bitmap_flags",) and isinstance(value, int):
+                value = f"{value:#04x}"
+            elif key == "addr":
+                value = f"{value:#x}"
+            parts.append(f"{key}={value}")
+    if "flag_names" in record.fields and record.fields.get("flags_width", 1) > 1:
+        parts.append(f"flags_width={record.fields['flags_width']}")
+    return " ".join(parts)
+
+
+def format_event_line(number: int, event: Event) -> str:
+    if isinstance(event, Finding):
+        return (f"{'':>6} {event.offset:>12}  [{event.severity.label}] {event.code}: "
+                f"{event.message}")
+    bitmap = f"{event.node}/{event.bitmap}" if event.bitmap else "-"
+    indent = "  " if event.depth else ""
+    return (f"{number:>6} {event.offset:>12}  {event.section or '-':<14} "
+            f"{indent}{event.kind:<16} {bitmap:<24} {record_info(event)}").rstrip()
+
+
+def format_record_detail(record: Record) -> list[str]:
+    lines = [f"offset: {record.offset} ({record.offset:#x}), length: {record.length}",
+             f"section: {record.section} (id {record.section_id})"]
+    if record.bitmap:
+        lines.append(f"bitmap: node={record.node} name={record.bitmap}")
+    for key, value in record.fields.items():
+        if isinstance(value, bytes):
+            shown = value[:32].hex() + ("..." if len(value) > 32 else "")
+            value = f"{len(value)} bytes: {shown}"
+        lines.append(f"{key}: {value}")
+    return lines
+
+
+def format_summary(result: AnalysisResult) -> str:
+    out: list[str] = [f"migshark: {result.path} ({result.input_format})"]
+    for finding in result.input_findings:
+        out.append(f"  [{finding.severity.label}] {finding.code}: {finding.message}")
+    for migration in result.migrations:
+        out += _format_migration(migration.result())
+    out.append("")
+    return "\n".join(out)
+
+
+def _format_migration(summary: dict[str, Any]) -> list[str]:
+    out = [f"\nMigration stream {summary['stream']}"]
+    out.append(f"  machine type : {summary['machine_type'] or 'unknown'}")
+    out.append(f"  phases       : {', '.join(summary['phases']) or 'none seen'}")
+    ended = "ends with EOF" if summary["complete"] else "no EOF"
+    out.append(f"  stream       : {summary['stream_bytes']:,} bytes, {ended}, "
+               f"{summary['ram_iterations']} RAM iteration(s)")
+    out.append("  sections     :")
+    for name, size in sorted(summary["sections"].items(), key=lambda item: -item[1]):
+        out.append(f"    {name:<28} {size:>14,} bytes")
+    out.append(f"  bitmaps ({len(summary['bitmaps'])}):")
+    if summary["bitmaps"]:
+        out.append(f"    {'node/name':<28} {'granularity':>11} {'flags':<6} {'disk size':>14} "
+                   f"{'dirty bytes':>14}  {'status':<13} sha256")
+    for bitmap in summary["bitmaps"]:
+        flags = ("E" if bitmap["enabled"] else "-") + ("P" if bitmap["persistent"] else "-")
+        label = f"{bitmap['node']}/{bitmap['name']}"
+        if (bitmap["real_node"], bitmap["real_name"]) != (bitmap["node"], bitmap["name"]):
+            label += f" (= {bitmap['real_node']}/{bitmap['real_name']})"
+        out.append(
+            f"    {label:<28} {bitmap['granularity'] or '?':>11} {flags:<6} "
+            f"{_num(bitmap['disk_size']):>14} {_num(bitmap['dirty_bytes']):>14}  "
+            f"{bitmap['status']:<13} {bitmap['sha256'] or '(' + str(bitmap['reason']) + ')'}")
+    shown = [f for f in summary["findings"] if f["code"] != "phase"]
+    for severity in ("error", "warning", "note"):
+        group = [f for f in shown if f["severity"] == severity]
+        if not group:
+            continue
+        out.append(f"  {severity}s ({len(group)}):")
+        for finding in group:
+            where = f"{finding['offset']:#010x}"
+            out.append(f"    {where}  {finding['code']:<22} {finding['message']}")
+    if not shown:
+        out.append("  findings     : none")
+    return out
+
+
+def _num(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

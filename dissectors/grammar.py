@@ -1,0 +1,454 @@
+"""The QEMU migration stream grammar, declared with construct.
+
+This module is the single source of truth for the wire format. The analyzer's
+decoder parses every framing item and dirty-bitmap record through these
+structs; the encoder builds through them. Only the RAM page payload (the bulk of
+the bytes) is skipped by the decoder without a construct parse, using the
+constants and the fixed-size header struct declared here.
+
+Facts: QEMU's migration/savevm.c, migration/ram.c, migration/block-dirty-bitmap.c
+(and ../shared/PROTOCOL-NOTES.md). All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+from construct import (
+    Adapter,
+    Bytes,
+    Computed,
+    Const,
+    Construct,
+    Container,
+    GreedyBytes,
+    If,
+    Int8ub,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Prefixed,
+    Struct,
+    this,
+)
+
+QEVM_MAGIC = b"QEVM"
+QEVM_VERSION = 3
+# QEMU's loader refuses anything but version 3; version 2 was the pre-1.3 format.
+
+
+class ItemType(IntEnum):
+    """Type byte that starts every item of the top-level stream."""
+
+    EOF = 0x00
+    SECTION_START = 0x01
+    SECTION_PART = 0x02
+    SECTION_END = 0x03
+    SECTION_FULL = 0x04
+    SUBSECTION = 0x05
+    VMDESCRIPTION = 0x06
+    CONFIGURATION = 0x07
+    COMMAND = 0x08
+    SECTION_FOOTER = 0x7E
+
+
+class Command(IntEnum):
+    """MIG_CMD_* numbers carried by QEMU_VM_COMMAND (savevm.c)."""
+
+    INVALID = 0
+    OPEN_RETURN_PATH = 1
+    PING = 2
+    POSTCOPY_ADVISE = 3
+    POSTCOPY_LISTEN = 4
+    POSTCOPY_RUN = 5
+    POSTCOPY_RAM_DISCARD = 6
+    PACKAGED = 7
+    ENABLE_COLO = 8
+    POSTCOPY_RESUME = 9
+    RECV_BITMAP = 10
+    SWITCHOVER_START = 11
+
+
+# savevm.c: MAX_VM_CMD_PACKAGED_SIZE; the loader refuses a larger package.
+MAX_PACKAGED_SIZE = 1 << 24
+
+
+class RamFlag(IntFlag):
+    """RAM_SAVE_FLAG_* bits kept below the target page size in each record header."""
+
+    FULL = 0x01  # obsolete, refused by the loader
+    ZERO = 0x02
+    MEM_SIZE = 0x04
+    PAGE = 0x08
+    EOS = 0x10
+    CONTINUE = 0x20
+    XBZRLE = 0x40
+    HOOK = 0x80
+    COMPRESS_PAGE = 0x100
+    MULTIFD_FLUSH = 0x200
+
+
+RAM_SECTION_IDSTR = "ram"
+RAM_SECTION_VERSION = 4
+DEFAULT_TARGET_PAGE_SIZE = 4096
+
+
+class BitmapFlag(IntFlag):
+    """DIRTY_BITMAP_MIG_FLAG_* bits of a dirty-bitmap record header."""
+
+    EOS = 0x01
+    ZEROES = 0x02
+    BITMAP_NAME = 0x04
+    DEVICE_NAME = 0x08
+    START = 0x10
+    COMPLETE = 0x20
+    BITS = 0x40
+    EXTRA_FLAGS = 0x80
+
+
+KNOWN_BITMAP_FLAGS = 0x7F
+
+
+class BitmapStartFlag(IntFlag):
+    """DIRTY_BITMAP_MIG_START_FLAG_* bits of the START record."""
+
+    ENABLED = 0x01
+    PERSISTENT = 0x02
+    AUTOLOAD = 0x04  # pre-4.0 QEMU; ignored by today's loader
+    RESERVED_MASK = 0xF8
+
+
+DIRTY_BITMAP_SECTION_IDSTR = "dirty-bitmap"
+DIRTY_BITMAP_SECTION_VERSION = 1
+SECTOR_SIZE = 512
+# block-dirty-bitmap.c: CHUNK_SIZE; the sender puts CHUNK_SIZE * 8 granules in a chunk
+# and the loader refuses a BITS buffer larger than 10 * CHUNK_SIZE.
+BITMAP_CHUNK_SIZE = 1 << 10
+BITMAP_GRANULES_PER_CHUNK = BITMAP_CHUNK_SIZE * 8
+BITMAP_MAX_BUFFER_SIZE = 10 * BITMAP_CHUNK_SIZE
+# send_bitmap_bits() pads buffers to 4 * sizeof(long) for buffer_is_zero().
+BITMAP_BUFFER_ALIGN = 32
+MIN_GRANULARITY = 512
+MAX_GRANULARITY = 1 << 31
+
+
+class CountedName(Adapter):
+    """u8 length + bytes (qemu_put_counted_string).
+
+    Decoded with surrogateescape so that any bytes a hostile stream carries still
+    round-trip through build() unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(Prefixed(Int8ub, GreedyBytes))
+
+    def _decode(self, obj: bytes, context: Container, path: str) -> str:
+        return obj.decode("utf-8", "surrogateescape")
+
+    def _encode(self, obj: str, context: Container, path: str) -> bytes:
+        return obj.encode("utf-8", "surrogateescape")
+
+
+counted_name = CountedName()
+
+# --- stream framing (savevm.c) -------------------------------------------------
+
+FileHeader = Struct(
+    "magic" / Const(QEVM_MAGIC),
+    "version" / Int32ub,
+)
+
+# SECTION_START and SECTION_FULL share this header; PART and END carry only the id.
+SectionHeaderFull = Struct(
+    "section_id" / Int32ub,
+    "idstr" / counted_name,
+    "instance_id" / Int32ub,
+    "version_id" / Int32ub,
+)
+
+SectionHeaderShort = Struct(
+    "section_id" / Int32ub,
+)
+
+SectionFooter = Struct(
+    "section_id" / Int32ub,
+)
+
+# A length-prefixed blob: CONFIGURATION's machine type, VMDESCRIPTION's JSON.
+LengthPrefixed32 = Struct(
+    "length" / Int32ub,
+    "data" / Bytes(this.length),
+)
+
+CommandHeader = Struct(
+    "command" / Int16ub,
+    "length" / Int16ub,
+)
+
+CommandBody = Struct(
+    "command" / Int16ub,
+    "length" / Int16ub,
+    "data" / Bytes(this.length),
+)
+
+# MIG_CMD_PACKAGED carries only the length of the nested stream that follows it.
+PackagedLength = Int32ub
+PingValue = Int32ub
+
+# vmstate subsection inside CONFIGURATION or device state.
+SubsectionHeader = Struct(
+    "idstr" / counted_name,
+    "version_id" / Int32ub,
+)
+
+# --- RAM section (ram.c, version 4) -------------------------------------------
+
+RamRecordHeader = Int64ub  # addr | flags; flags are the bits below the target page size
+
+RamBlockSize = Struct(
+    "idstr" / counted_name,
+    "used_length" / Int64ub,
+)
+RamBlockExtra = Int64ub  # page size (postcopy-ram, huge pages) or address (x-ignore-shared)
+RamBlockName = counted_name
+RamZeroFill = Int8ub
+RamXbzrleHeader = Struct(
+    "encoding" / Int8ub,
+    "length" / Int16ub,
+)
+RamCompressedHeader = Struct(
+    "length" / Int32ub,
+)
+
+# --- dirty-bitmap section (block-dirty-bitmap.c, version 1) -------------------
+
+
+def _flags_value(ctx: Container) -> int:
+    """The flags a QEMU destination acts on: qemu_get_bitmap_flags() keeps them in a
+    uint8_t, so each extension step shifts the earlier bytes out and only the last
+    byte survives."""
+    if ctx.tail is not None:
+        return ctx.tail & 0xFF
+    if ctx.second is not None:
+        return ctx.second
+    return ctx.first
+
+
+def _flags_width(ctx: Container) -> int:
+    return 1 + (ctx.second is not None) + 2 * (ctx.tail is not None)
+
+
+def _flags_wire_value(ctx: Container) -> int:
+    """The flags as the 2017 draft meant them: all bytes as one big-endian number."""
+    value = ctx.first
+    if ctx.second is not None:
+        value = value << 8 | ctx.second
+    if ctx.tail is not None:
+        value = value << 16 | ctx.tail
+    return value
+
+
+BitmapFlags = Struct(
+    "first" / Int8ub,
+    "second" / If(this.first & BitmapFlag.EXTRA_FLAGS, Int8ub),
+    "tail" / If(lambda ctx: ctx.second is not None and ctx.second & BitmapFlag.EXTRA_FLAGS,
+                Int16ub),
+    "width" / Computed(_flags_width),
+    "value" / Computed(_flags_value),
+    "wire_value" / Computed(_flags_wire_value),
+)
+
+
+def bitmap_flags_fields(value: int, width: int = 1) -> dict[str, int | None]:
+    """Field values for building BitmapFlags that a QEMU reader decodes to `value`.
+
+    QEMU only ever writes width 1. Widths 2 and 4 put the flags in the last byte and
+    mark the earlier bytes with EXTRA_FLAGS, which is the only multi-byte form a
+    QEMU destination reads back as `value`.
+    """
+    if width == 1:
+        return {"first": value, "second": None, "tail": None}
+    if width == 2:
+        return {"first": BitmapFlag.EXTRA_FLAGS, "second": value, "tail": None}
+    if width == 4:
+        return {"first": BitmapFlag.EXTRA_FLAGS, "second": BitmapFlag.EXTRA_FLAGS,
+                "tail": value & 0xFF}
+    raise ValueError(f"bitmap flags are 1, 2 or 4 bytes wide, not {width}")
+
+
+def _has(flag: int):  # noqa: ANN202 - construct context predicate
+    return lambda ctx: bool(ctx.flags.value & flag)
+
+
+def _record_kind(ctx: Container) -> str:
+    """Which body QEMU's dirty_bitmap_load() reads: START wins over COMPLETE over BITS."""
+    value = ctx.flags.value
+    if value & BitmapFlag.START:
+        return "start"
+    if value & BitmapFlag.COMPLETE:
+        return "complete"
+    if value & BitmapFlag.BITS:
+        return "bits"
+    return "eos" if value & BitmapFlag.EOS else "empty"
+
+
+BitmapStart = Struct(
+    "granularity" / Int32ub,
+    "bitmap_flags" / Int8ub,
+)
+
+BitmapBitsHead = Struct(
+    "first_sector" / Int64ub,
+    "sector_count" / Int32ub,
+)
+
+_record_head_fields: list[Construct] = [
+    "flags" / BitmapFlags,
+    "device_name" / If(_has(BitmapFlag.DEVICE_NAME), counted_name),
+    "bitmap_name" / If(_has(BitmapFlag.BITMAP_NAME), counted_name),
+    "kind" / Computed(_record_kind),
+    "start" / If(this.kind == "start", BitmapStart),
+    "bits" / If(this.kind == "bits", BitmapBitsHead),
+    "buffer_size" / If(
+        lambda ctx: ctx.kind == "bits" and not ctx.flags.value & BitmapFlag.ZEROES, Int64ub
+    ),
+]
+
+# Everything up to the BITS buffer: bounded (at most 4 + 2 * 256 + 21 bytes), so the
+# decoder can parse it before it knows how many buffer bytes must be waited for.
+BitmapRecordHead = Struct(*_record_head_fields)
+BITMAP_RECORD_HEAD_MAX = 4 + 2 * 256 + 12 + 8
+
+BitmapRecord = Struct(
+    *_record_head_fields,
+    "buffer" / If(lambda ctx: ctx.buffer_size is not None, Bytes(this.buffer_size)),
+)
+
+
+def bitmap_record(
+    flags: int,
+    *,
+    device_name: str | None = None,
+    bitmap_name: str | None = None,
+    granularity: int | None = None,
+    bitmap_flags: int | None = None,
+    first_sector: int | None = None,
+    sector_count: int | None = None,
+    buffer: bytes | None = None,
+    flags_width: int = 1,
+    buffer_size: int | None = None,
+) -> bytes:
+    """Build one dirty-bitmap record through the grammar.
+
+    Names are written when given (and their flags added); `buffer_size` overrides
+    the length field for deliberately inconsistent records.
+    """
+    if device_name is not None:
+        flags |= BitmapFlag.DEVICE_NAME
+    if bitmap_name is not None:
+        flags |= BitmapFlag.BITMAP_NAME
+    kind_ctx = Container(flags=Container(value=flags))
+    kind = _record_kind(kind_ctx)
+    start = bits = None
+    if kind == "start":
+        start = {"granularity": granularity, "bitmap_flags": bitmap_flags or 0}
+    elif kind == "bits":
+        bits = {"first_sector": first_sector, "sector_count": sector_count}
+    has_buffer = kind == "bits" and not flags & BitmapFlag.ZEROES
+    if has_buffer and buffer is None:
+        buffer = b""
+    return BitmapRecord.build(
+        {
+            "flags": bitmap_flags_fields(flags, flags_width),
+            "device_name": device_name,
+            "bitmap_name": bitmap_name,
+            "start": start,
+            "bits": bits,
+            "buffer_size": (len(buffer) if buffer_size is None else buffer_size)
+            if has_buffer and buffer is not None
+            else None,
+            "buffer": buffer if has_buffer else None,
+        }
+    )
+
+
+# --- builders for framing items -------------------------------------------------
+
+
+def build_file_header(version: int = QEVM_VERSION) -> bytes:
+    return FileHeader.build({"version": version})
+
+
+def build_section_start(
+    item_type: ItemType, section_id: int, idstr: str, instance_id: int, version_id: int
+) -> bytes:
+    return bytes([item_type]) + SectionHeaderFull.build(
+        {"section_id": section_id, "idstr": idstr, "instance_id": instance_id,
+         "version_id": version_id}
+    )
+
+
+def build_section_part(item_type: ItemType, section_id: int) -> bytes:
+    return bytes([item_type]) + SectionHeaderShort.build({"section_id": section_id})
+
+
+def build_footer(section_id: int) -> bytes:
+    return bytes([ItemType.SECTION_FOOTER]) + SectionFooter.build({"section_id": section_id})
+
+
+def build_configuration(machine_type: str) -> bytes:
+    name = machine_type.encode()
+    return bytes([ItemType.CONFIGURATION]) + LengthPrefixed32.build(
+        {"length": len(name), "data": name}
+    )
+
+
+def build_command(command: int, data: bytes = b"") -> bytes:
+    return bytes([ItemType.COMMAND]) + CommandBody.build(
+        {"command": command, "length": len(data), "data": data}
+    )
+
+
+def build_packaged(inner: bytes) -> bytes:
+    """MIG_CMD_PACKAGED: the command carries the length; the nested stream follows."""
+    return build_command(Command.PACKAGED, PackagedLength.build(len(inner))) + inner
+
+
+def build_eof() -> bytes:
+    return bytes([ItemType.EOF])
+
+
+def build_vmdescription(json_bytes: bytes) -> bytes:
+    return bytes([ItemType.VMDESCRIPTION]) + LengthPrefixed32.build(
+        {"length": len(json_bytes), "data": json_bytes}
+    )
+
+
+def build_ram_header(addr: int, flags: int) -> bytes:
+    return RamRecordHeader.build(addr | flags)
+
+
+def build_ram_mem_size(blocks: list[tuple[str, int]]) -> bytes:
+    total = sum(size for _, size in blocks)
+    out = [build_ram_header(total, RamFlag.MEM_SIZE)]
+    out += [RamBlockSize.build({"idstr": name, "used_length": size}) for name, size in blocks]
+    return b"".join(out)
+
+
+def build_ram_page(
+    addr: int, block: str | None, data: bytes, *, zero_fill: int | None = None
+) -> bytes:
+    """A ZERO record (zero_fill given) or a PAGE record; CONTINUE when block is None."""
+    flags = RamFlag.ZERO if zero_fill is not None else RamFlag.PAGE
+    if block is None:
+        flags |= RamFlag.CONTINUE
+    out = build_ram_header(addr, flags)
+    if block is not None:
+        out += RamBlockName.build(block)
+    if zero_fill is not None:
+        return out + RamZeroFill.build(zero_fill)
+    return out + data
+
+
+def build_ram_eos() -> bytes:
+    return build_ram_header(0, RamFlag.EOS)
