@@ -1,0 +1,390 @@
+"""Zero-copy pcap / pcapng reader.
+
+Frames are handed out as memoryviews into an mmap of the capture, so reading a
+multi-GiB capture costs page faults, not copies. Consumers that keep frame data
+beyond the current iteration step must copy it (``bytes(frame.data)``), otherwise
+the mapping stays alive until the last view is gone.
+
+Error model: anything structurally wrong raises :class:`CaptureFormatError`
+(a ``ValueError``). A file that simply ends in the middle of a record (capture
+interrupted, disk full, copied while tcpdump was still writing) is *not* an
+error: iteration stops cleanly and :attr:`CaptureReader.truncated_at` records the
+offset of the incomplete record so the analyzer can report it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+__all__ = [
+    "CaptureFormatError",
+    "CaptureReader",
+    "Frame",
+    "Interface",
+    "iter_frames",
+    "sniff_format",
+]
+
+
+class CaptureFormatError(ValueError):
+    """The capture file is not a valid pcap/pcapng file (one-line message)."""
+
+
+class Frame(NamedTuple):
+    timestamp: float
+    linktype: int
+    data: memoryview
+    interface_id: int
+    original_length: int
+
+
+@dataclass(slots=True)
+class Interface:
+    """A pcapng Interface Description Block (or the implicit one of classic pcap)."""
+
+    linktype: int
+    snaplen: int
+    name: str | None = None
+    # Raw timestamps are divided by this (an int keeps 2**-n and 10**-n exact).
+    ts_divisor: int = 1_000_000
+    ts_offset: int = 0
+
+
+CaptureFormat = Literal["pcap", "pcapng", "raw"]
+
+_PCAPNG_SHB = 0x0A0D0D0A
+_PCAPNG_BOM = 0x1A2B3C4D
+_BT_IDB = 1
+_BT_OPB = 2
+_BT_SPB = 3
+_BT_EPB = 6
+
+_OPT_END = 0
+_OPT_IF_NAME = 2
+_OPT_IF_TSRESOL = 9
+_OPT_IF_TSOFFSET = 14
+
+# magic (as read little-endian) -> (byte order of the file, timestamp divisor, record header size)
+_PCAP_MAGICS: dict[int, tuple[str, int, int]] = {
+    0xA1B2C3D4: ("<", 1_000_000, 16),
+    0xD4C3B2A1: (">", 1_000_000, 16),
+    0xA1B23C4D: ("<", 1_000_000_000, 16),
+    0x4D3CB2A1: (">", 1_000_000_000, 16),
+    # Kuznetzov's patched libpcap: 8 extra bytes (ifindex, protocol, pkt_type) per record.
+    0xA1B2CD34: ("<", 1_000_000, 24),
+    0x34CDB2A1: (">", 1_000_000, 24),
+}
+
+_U32_LE = struct.Struct("<I")
+_tuple_new = tuple.__new__
+
+
+def sniff_format(path: str | os.PathLike[str]) -> CaptureFormat:
+    """Classify a file by its first bytes; anything unrecognised is ``"raw"``."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return _sniff_bytes(head)
+
+
+def _sniff_bytes(head: bytes | memoryview) -> CaptureFormat:
+    if len(head) < 4:
+        return "raw"
+    (magic,) = _U32_LE.unpack_from(head, 0)
+    if magic == _PCAPNG_SHB:
+        return "pcapng"
+    if magic in _PCAP_MAGICS:
+        return "pcap"
+    return "raw"
+
+
+class CaptureReader:
+    """Iterate the frames of a pcap or pcapng file.
+
+    ``truncated_at`` is ``None`` after a complete pass, or the file offset of the
+    incomplete last record; ``truncated_reason`` says what was missing. The
+    optional ``on_truncated(offset, reason)`` callback fires at the same moment.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        on_truncated: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.on_truncated = on_truncated
+        self.truncated_at: int | None = None
+        self.truncated_reason: str | None = None
+        self.interfaces: list[Interface] = []
+        self.sections = 0
+        self._mm: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise CaptureFormatError(f"{self.path}: empty file")
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._view = memoryview(self._mm)
+        fmt = _sniff_bytes(self._view[:4])
+        if fmt == "raw":
+            self.close()
+            raise CaptureFormatError(f"{self.path}: not a pcap or pcapng file (unknown magic)")
+        self.format: CaptureFormat = fmt
+        if fmt == "pcap":
+            self._parse_pcap_header()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the mapping.
+
+        If frame data handed out earlier is still referenced the OS mapping
+        outlives this call (unmapping under a live view would crash); it goes
+        away with the last view.
+        """
+        view, self._view = self._view, None
+        mm, self._mm = self._mm, None
+        if view is not None:
+            view.release()
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass
+
+    def __enter__(self) -> CaptureReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._view is None:
+            raise ValueError("CaptureReader is closed")
+        self.truncated_at = None
+        self.truncated_reason = None
+        inner = self._iter_pcap() if self.format == "pcap" else self._iter_pcapng()
+        try:
+            yield from inner
+        except CaptureFormatError:
+            raise
+        except (struct.error, IndexError, OverflowError, ValueError) as exc:
+            # Safety net for the "only CaptureFormatError" contract; the parsers
+            # bound-check everything, so reaching this is itself a bug to report.
+            raise CaptureFormatError(f"{self.path}: malformed capture ({exc})") from exc
+
+    # -- helpers -----------------------------------------------------------
+
+    def _truncated(self, offset: int, reason: str) -> None:
+        self.truncated_at = offset
+        self.truncated_reason = reason
+        if self.on_truncated is not None:
+            self.on_truncated(offset, reason)
+
+    def _error(self, offset: int, what: str) -> CaptureFormatError:
+        return CaptureFormatError(f"{self.path}: {what} at offset {offset}")
+
+    # -- classic pcap ------------------------------------------------------
+
+    def _parse_pcap_header(self) -> None:
+        assert self._view is not None
+        view = self._view
+        if len(view) < 24:
+            raise CaptureFormatError(
+                f"{self.path}: truncated pcap file header ({len(view)} of 24 bytes)"
+            )
+        (magic,) = _U32_LE.unpack_from(view, 0)
+        order, divisor, rec_len = _PCAP_MAGICS[magic]
+        major, _minor, _zone, _sigfigs, snaplen, network = struct.unpack_from(
+            order + "HHiIII", view, 4
+        )
+        if major != 2:
+            raise CaptureFormatError(f"{self.path}: unsupported pcap version {major}")
+        self._pcap_order = order
+        self._pcap_rec_len = rec_len
+        # Upper bits of the link-type field carry FCS information, not the type.
+        self.interfaces = [Interface(network & 0xFFFF, snaplen, None, divisor)]
+        self.sections = 1
+
+    def _iter_pcap(self) -> Iterator[Frame]:
+        view = self._view
+        assert view is not None
+        size = len(view)
+        rec = struct.Struct(self._pcap_order + "IIII").unpack_from
+        rec_len = self._pcap_rec_len
+        iface = self.interfaces[0]
+        linktype = iface.linktype
+        divisor = iface.ts_divisor
+        new = _tuple_new
+        off = 24
+        while off < size:
+            start = off + rec_len
+            if start > size:
+                self._truncated(off, "incomplete record header")
+                return
+            sec, frac, caplen, origlen = rec(view, off)
+            end = start + caplen
+            # caplen is deliberately not checked against snaplen or 65535: Linux
+            # loopback GSO frames are up to 65549 bytes. The file size is the bound.
+            if end > size:
+                self._truncated(off, f"record needs {caplen} bytes, {size - start} left")
+                return
+            yield new(Frame, (sec + frac / divisor, linktype, view[start:end], 0, origlen))
+            off = end
+
+    # -- pcapng ------------------------------------------------------------
+
+    def _iter_pcapng(self) -> Iterator[Frame]:
+        view = self._view
+        assert view is not None
+        size = len(view)
+        new = _tuple_new
+        off = 0
+        order = "<"
+        hdr = struct.Struct("<II").unpack_from
+        epb = struct.Struct("<IIIII").unpack_from
+        u32 = struct.Struct("<I").unpack_from
+        opb = struct.Struct("<HHIIII").unpack_from
+        ifaces: list[Interface] = []
+        self.interfaces = ifaces
+        self.sections = 0
+        last_ts = 0.0
+        while off < size:
+            if off + 12 > size:
+                self._truncated(off, "incomplete block header")
+                return
+            btype, blen = hdr(view, off)
+            if btype == _PCAPNG_SHB:
+                order = self._shb_byte_order(view, off)
+                hdr = struct.Struct(order + "II").unpack_from
+                epb = struct.Struct(order + "IIIII").unpack_from
+                u32 = struct.Struct(order + "I").unpack_from
+                opb = struct.Struct(order + "HHIIII").unpack_from
+                btype, blen = hdr(view, off)
+                if blen < 28:
+                    raise self._error(off, f"section header block too short ({blen})")
+            if blen < 12 or blen & 3:
+                raise self._error(off, f"invalid block length {blen}")
+            end = off + blen
+            if end > size:
+                self._truncated(off, f"block needs {blen} bytes, {size - off} left")
+                return
+            if u32(view, end - 4)[0] != blen:
+                raise self._error(off, "block trailer length does not match header")
+
+            if btype == _BT_EPB:
+                if blen < 32:
+                    raise self._error(off, f"enhanced packet block too short ({blen})")
+                ifid, ts_hi, ts_lo, caplen, origlen = epb(view, off + 8)
+                if caplen > blen - 32:
+                    raise self._error(off, f"packet length {caplen} exceeds its block")
+                if ifid >= len(ifaces):
+                    raise self._error(off, f"packet references unknown interface {ifid}")
+                iface = ifaces[ifid]
+                last_ts = ((ts_hi << 32) | ts_lo) / iface.ts_divisor + iface.ts_offset
+                start = off + 28
+                yield new(
+                    Frame, (last_ts, iface.linktype, view[start : start + caplen], ifid, origlen)
+                )
+            elif btype == _PCAPNG_SHB:
+                major = struct.unpack_from(order + "H", view, off + 12)[0]
+                if major != 1:
+                    raise self._error(off, f"unsupported pcapng version {major}")
+                # Interface ids are scoped to their section.
+                ifaces = []
+                self.interfaces = ifaces
+                self.sections += 1
+            elif btype == _BT_IDB:
+                if blen < 20:
+                    raise self._error(off, f"interface description block too short ({blen})")
+                ifaces.append(self._parse_idb(view, off, blen, order))
+            elif btype == _BT_SPB:
+                if blen < 16:
+                    raise self._error(off, f"simple packet block too short ({blen})")
+                if not ifaces:
+                    raise self._error(off, "simple packet block before any interface")
+                iface = ifaces[0]
+                origlen = u32(view, off + 8)[0]
+                room = blen - 16
+                caplen = min(origlen, room)
+                # The block is padded to 4 bytes; when it was cut at snaplen the
+                # padding must not be taken as packet bytes.
+                if iface.snaplen and iface.snaplen < caplen and room - iface.snaplen < 4:
+                    caplen = iface.snaplen
+                start = off + 12
+                # SPBs carry no timestamp: reuse the previous one so that time
+                # stays monotonic for rate computations.
+                yield new(
+                    Frame, (last_ts, iface.linktype, view[start : start + caplen], 0, origlen)
+                )
+            elif btype == _BT_OPB:
+                if blen < 32:
+                    raise self._error(off, f"packet block too short ({blen})")
+                ifid, _drops, ts_hi, ts_lo, caplen, origlen = opb(view, off + 8)
+                if caplen > blen - 32:
+                    raise self._error(off, f"packet length {caplen} exceeds its block")
+                if ifid >= len(ifaces):
+                    raise self._error(off, f"packet references unknown interface {ifid}")
+                iface = ifaces[ifid]
+                last_ts = ((ts_hi << 32) | ts_lo) / iface.ts_divisor + iface.ts_offset
+                start = off + 28
+                yield new(
+                    Frame, (last_ts, iface.linktype, view[start : start + caplen], ifid, origlen)
+                )
+            # Other block types (name resolution, statistics, secrets, custom) are
+            # irrelevant to stream reassembly.
+            off = end
+
+    def _shb_byte_order(self, view: memoryview, off: int) -> str:
+        if off + 12 > len(view):
+            raise self._error(off, "truncated section header block")
+        (bom,) = _U32_LE.unpack_from(view, off + 8)
+        if bom == _PCAPNG_BOM:
+            return "<"
+        if bom == 0x4D3C2B1A:
+            return ">"
+        raise self._error(off, f"bad byte-order magic 0x{bom:08x}")
+
+    def _parse_idb(self, view: memoryview, off: int, blen: int, order: str) -> Interface:
+        linktype, _reserved, snaplen = struct.unpack_from(order + "HHI", view, off + 8)
+        iface = Interface(linktype, snaplen)
+        opt = off + 16
+        opt_end = off + blen - 4
+        opt_hdr = struct.Struct(order + "HH").unpack_from
+        # Options are parsed leniently: a malformed option tail loses only
+        # metadata, never packets.
+        while opt + 4 <= opt_end:
+            code, length = opt_hdr(view, opt)
+            if code == _OPT_END:
+                break
+            value = opt + 4
+            if value + length > opt_end:
+                break
+            if code == _OPT_IF_TSRESOL and length >= 1:
+                res = view[value]
+                exp = res & 0x7F
+                iface.ts_divisor = (1 << exp) if res & 0x80 else 10**exp
+            elif code == _OPT_IF_TSOFFSET and length >= 8:
+                iface.ts_offset = struct.unpack_from(order + "q", view, value)[0]
+            elif code == _OPT_IF_NAME:
+                iface.name = (
+                    bytes(view[value : value + length]).rstrip(b"\0").decode("utf-8", "replace")
+                )
+            opt = value + ((length + 3) & ~3)
+        return iface
+
+
+def iter_frames(
+    path: str | os.PathLike[str],
+    on_truncated: Callable[[int, str], None] | None = None,
+) -> Iterator[Frame]:
+    """Yield every frame of a pcap/pcapng file (see :class:`CaptureReader`)."""
+    reader = CaptureReader(path, on_truncated)
+    try:
+        yield from reader
+    finally:
+        reader.close()
