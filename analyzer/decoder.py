@@ -120,8 +120,8 @@ class StreamDecoder:
 
     @property
     def offset(self) -> int:
-        """Stream offset of the next byte the decoder expects."""
-        return self._base + len(self._buf) + self._skip
+        """Stream offset just past the last byte fed (or lost in a gap)."""
+        return self._base + len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview, timestamp: float | None = None) -> list[
         Event
@@ -1135,7 +1135,7 @@ class StreamDecoder:
             byte = buf[pos]
             verdict: bool | None = False
             if byte in (g.ItemType.SECTION_PART, g.ItemType.SECTION_END,
-                        g.ItemType.SECTION_FULL, g.ItemType.EOF):
+                        g.ItemType.SECTION_FULL, g.ItemType.SECTION_START, g.ItemType.EOF):
                 verdict = self._resync_candidate(pos, end)
             if verdict is None:
                 self._pos = pos
@@ -1164,7 +1164,7 @@ class StreamDecoder:
             if buf[pos + 1] != g.ItemType.VMDESCRIPTION:
                 return False
             return buf[pos + 6 : pos + 7] == b"{" if pos + 7 <= end else None
-        if byte == g.ItemType.SECTION_FULL:
+        if byte in (g.ItemType.SECTION_FULL, g.ItemType.SECTION_START):
             if pos + 6 > end:
                 return None
             name_len = buf[pos + 5]
