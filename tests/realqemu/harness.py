@@ -7,7 +7,7 @@ API
 ---
     from tests.realqemu.harness import PRESETS, run_migration
 
-    result = run_migration(PRESETS["precopy"], workdir)   # workdir: an existing directory
+    result = run_migration(PRESETS["precopy"], workdir)   # workdir: created if missing
     result.pcap          # Path of the loopback capture (tcp transport, capture=True)
     result.pcapng        # the same capture converted with editcap (None without editcap)
     result.raw           # raw stream file (exec transport), else None
@@ -29,6 +29,7 @@ Ground truth (`result.ground_truth`)::
 
     {"scenario": str, "qemu_version": str, "mode": "precopy"|"postcopy",
      "transport": "tcp"|"exec", "port": int|None, "machine_type": str,
+     "source_outcome": str,     # final query-migrate status on the source
      "dest_outcome": str,       # "completed", or what happened to the destination
      "bitmaps": [{"node": wire node name, "name": wire bitmap name,
                   "real_node": str, "real_name": str, "granularity": int,
@@ -46,20 +47,27 @@ Ground truth (`result.ground_truth`)::
 - `bitmaps` follows the scenario's order (drive by drive), not the order on the wire.
 
 Scenarios are `MigrationScenario` values; `PRESETS` holds the named ones (precopy,
-postcopy, mapping, flags, exec). Each bitmap is dirtied by its own `extents` only: the
-harness adds it, writes its extents with qemu-io while every other bitmap of that drive
-is disabled, and re-enables the ones meant to be enabled at the end, so
+postcopy, postcopy-1node, mapping, flags, exec). Each bitmap is dirtied by its own
+`extents` only: the harness adds it, writes its extents with qemu-io while every other
+bitmap of that drive is disabled, and re-enables the ones meant to be enabled at the end, so
 `expected_dirty_bytes()` predicts query-block's count exactly.
 
-Postcopy: with a paused source the RAM is sent in a few ms and the migration completes
-before `migrate-start-postcopy` can act. The harness sets `max-bandwidth` to 1 MiB/s (the
-~0.5 MB of RAM then takes ~0.3 s, and migrate-start-postcopy is sent right after
-`migrate` returns) and `downtime-limit` to 1 ms: QEMU 7.2 switches to postcopy only while
-the pending bitmap data (counted in granules) is at least bandwidth * downtime-limit,
-otherwise it completes in precopy. So a postcopy scenario needs a couple of thousand
-granules of bitmaps in total; the harness raises if QEMU never reported postcopy-active.
-PROTOCOL-NOTES says 7.2 destinations abort in bitmap postcopy; the harness copes either
-way and records what happened in `dest_outcome`.
+Postcopy: with a paused source the RAM is sent in a few ms, so whether
+`migrate-start-postcopy` lands before the migration completes is a race. The harness sets
+`max-bandwidth` to 1 MiB/s (the ~0.35 MB of RAM then takes ~0.3 s, and
+migrate-start-postcopy is sent right after `migrate` returns) and `downtime-limit` to
+1 ms: QEMU 7.2 switches to postcopy only while the pending bitmap data (counted in
+granules) is at least bandwidth * downtime-limit, otherwise it completes in precopy.
+So a postcopy scenario needs a couple of thousand granules of bitmaps in total; the
+harness raises if QEMU never reported postcopy-active.
+QEMU 7.2 destinations abort in bitmap postcopy once the stream names a second node
+(`bdrv_lookup_bs: Assertion 'qemu_in_main_thread()'`); with one node they complete. The
+harness copes either way, records what happened in `dest_outcome`, and accepts a source
+that ends in `postcopy-paused` (it noticed the dead destination before finishing); the
+capture check (footer + EOF at the end of the stream) says whether everything went out.
+
+`read_tcp_flow(pcap, port)` reassembles the migration connection from a capture
+(`to_server` is the migration stream, `to_client` the return path) for quick checks.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -638,8 +647,16 @@ def run_migration(
     *,
     capture: bool = True,
     timeout: float = 60.0,
+    incoming: str | None = None,
+    via: Callable[[str], str] | None = None,
 ) -> MigrationResult:
-    """Migrate `scenario` between two fresh QEMUs; see the module docstring."""
+    """Migrate `scenario` between two fresh QEMUs; see the module docstring.
+
+    `incoming` is the URI the destination listens on (default: a free loopback TCP port;
+    e.g. `unix:PATH`; no tcpdump capture then). `via(dest_uri)` runs once the destination
+    listens and returns the URI the source migrates to: a hook to start a sniffer or a
+    proxy in between.
+    """
     scenario.validate()
     tools = [QEMU, "qemu-img"]
     if capture and scenario.transport == "tcp":
@@ -718,11 +735,16 @@ def run_migration(
             result.raw = raw
             d.cmd("migrate-incoming", uri=f"exec:cat {shlex.quote(str(raw))}")
         else:
-            port = _listen(d)
-            result.port = truth["port"] = port
-            if capture:
-                cap = _Capture(workdir / f"{scenario.name}.pcap", port, left())
-            s.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            if incoming is not None:
+                d.cmd("migrate-incoming", uri=incoming)
+                dest_uri = incoming
+            else:
+                port = _listen(d)
+                result.port = truth["port"] = port
+                dest_uri = f"tcp:127.0.0.1:{port}"
+                if capture:
+                    cap = _Capture(workdir / f"{scenario.name}.pcap", port, left())
+            s.cmd("migrate", uri=via(dest_uri) if via is not None else dest_uri)
             if postcopy:
                 # must land while RAM is still trickling out at max-bandwidth
                 s.cmd("migrate-start-postcopy")
