@@ -64,7 +64,41 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--ram-detail", action="store_true",
                       help="one record per RAM page instead of one per section payload")
     dump.set_defaults(handler=cmd_dump)
+
+    live = sub.add_parser("live", help="sniff a migration as it happens (root)")
+    live.add_argument("-i", "--iface", default="lo", help="interface (default: lo)")
+    live.add_argument("--port", type=int, default=None,
+                      help="destination TCP port (default: flows starting with QEVM)")
+    live.add_argument("--bpf", default=None, help="capture filter (default: tcp [port N])")
+    live.add_argument("--json", action="store_true",
+                      help="one JSON line per finished migration, shaped like analyze --json")
+    live.add_argument("--once", action="store_true", help="exit after the first migration")
+    live.add_argument("-w", "--write", metavar="FILE.pcapng", default=None,
+                      help="also write the captured frames as pcapng")
+    live.set_defaults(handler=cmd_live)
+
+    proxy = sub.add_parser("proxy", help="forward a migration and analyse it in transit")
+    proxy.add_argument("--listen", required=True, metavar="ADDR",
+                       help="tcp:HOST:PORT or unix:PATH the source migrates to")
+    proxy.add_argument("--to", required=True, metavar="ADDR",
+                       help="tcp:HOST:PORT or unix:PATH of the real destination")
+    proxy.add_argument("--json", action="store_true",
+                       help="one JSON line per finished migration, shaped like analyze --json")
+    proxy.add_argument("--once", action="store_true", help="exit after the first migration")
+    proxy.set_defaults(handler=cmd_proxy)
     return parser
+
+
+def cmd_live(args: argparse.Namespace) -> int:
+    from analyzer.live import run_live  # scapy is slow to import: only when asked for
+
+    return run_live(args)
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    from analyzer.proxy import run_proxy
+
+    return run_proxy(args)
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
