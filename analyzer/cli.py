@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one JSON line per finished migration, shaped like analyze --json")
     proxy.add_argument("--once", action="store_true", help="exit after the first migration")
     proxy.set_defaults(handler=cmd_proxy)
+
+    from analyzer.encoder import add_generate_command  # the encoder only loads here
+
+    add_generate_command(sub)
     return parser
 
 
