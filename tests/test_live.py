@@ -1,0 +1,193 @@
+"""`migshark live`: the demux it adds on top of offline analysis, the root check, and a
+real sniffed migration (root + real QEMU) compared with QEMU's own hashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from analyzer import cli
+from analyzer.analysis import AnalysisOptions, analyze_path
+from analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
+from analyzer.live import LiveDemux, PcapngWriter
+from analyzer.records import Finding
+from analyzer.returnpath import ReturnPathMessage, build_message
+from dissectors import grammar as g
+from tests.conftest import REPO_ROOT, require_root, require_tools
+from tests.realqemu.harness import PRESETS, run_migration
+from tests.synthetic import precopy_stream
+
+SRC, DST = "10.0.0.1", "10.0.0.2"
+
+
+class _Conn:
+    """Segments of one TCP connection, numbered the way a capture would see them."""
+
+    def __init__(self, sport: int, dport: int) -> None:
+        self.sport, self.dport = sport, dport
+        self.seq = {True: 1000, False: 5000}
+
+    def seg(self, forward: bool, payload: bytes = b"", flags: int = ACK) -> TcpSegment:
+        src, dst = (SRC, DST) if forward else (DST, SRC)
+        sport, dport = (self.sport, self.dport) if forward else (self.dport, self.sport)
+        seq = self.seq[forward]
+        self.seq[forward] += len(payload) + (1 if flags & (SYN | FIN) else 0)
+        return TcpSegment(0.0, src, sport, dst, dport, seq, self.seq[not forward], flags,
+                          memoryview(payload), 65535)
+
+    def handshake(self) -> list[TcpSegment]:
+        return [self.seg(True, flags=SYN), self.seg(False, flags=SYN | ACK), self.seg(True)]
+
+
+def test_demux_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
+    seen: list[tuple[str | None, str]] = []
+    demux = LiveDemux(AnalysisOptions(port=4444),
+                      lambda stream, event: seen.append(
+                          (stream.name if stream else None,
+                           event.code if isinstance(event, Finding) else event.kind)))
+    ended: list[str] = []
+    demux.on_stream_end = lambda stream: ended.append(stream.name)
+    main, multifd = _Conn(40000, 4444), _Conn(40001, 4444)
+    stream = precopy_stream()
+    segments = main.handshake() + multifd.handshake()
+    segments.append(main.seg(True, stream[:3000], PSH | ACK))
+    segments.append(multifd.seg(True, (0x11223344).to_bytes(4, "big") + b"\0" * 400))
+    segments.append(main.seg(False, build_message(ReturnPathMessage.PONG, b"\0\0\0\x07")))
+    segments.append(main.seg(True, stream[3000:], PSH | ACK))
+    # the destination resets: no FIN will ever follow, the migration must end now
+    segments.append(main.seg(False, flags=RST))
+    for segment in segments:
+        demux.segment(segment)
+    assert len(demux.streams) == 1, "the multifd channel is not a migration"
+    assert ended == [demux.streams[0].name]
+    assert (None, "multifd-channel") in seen
+    name = demux.streams[0].name
+    assert (name, "rp-message") in seen
+    assert "peer-reset" in [f.code for f in demux.streams[0].findings]
+    rp = demux.return_path_for(demux.streams[0])
+    assert rp is not None and rp.messages == {"PONG": 1}
+    assert demux.streams[0].result()["complete"] is True
+
+
+def test_pcapng_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
+    # odd lengths exercise the block padding
+    frame = bytearray(range(61))
+    path = tmp_path / "x.pcapng"
+    writer = PcapngWriter(open(path, "wb"), 1, "lo")
+    writer.write(1.5, bytes(frame))
+    writer.write(2.25, bytes(frame) + b"x")
+    writer.close()
+    from analyzer.capture import CaptureReader
+
+    with CaptureReader(path) as reader:
+        frames = [(f.timestamp, bytes(f.data)) for f in reader]
+        assert reader.interfaces[0].name == "lo"
+    assert frames == [(1.5, bytes(frame)), (2.25, bytes(frame) + b"x")]
+
+
+def test_live_says_it_needs_root(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["live", "-i", "lo", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "needs root" in err and "Traceback" not in err
+
+
+def test_live_bad_interface_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    require_root()
+    assert cli.main(["live", "-i", "no-such-if0", "--once"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-if0" in err and "Traceback" not in err
+
+
+def _start_live(port: int, pcapng: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "analyzer.cli", "live", "-i", "lo", "--port", str(port),
+         "--once", "--json", "-w", str(pcapng)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + 15
+    # frames are captured from the moment it says so, like tcpdump's "listening on"
+    while b"listening on" not in seen:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            proc.kill()
+            raise AssertionError(f"live did not start: {seen!r}")
+        seen += chunk
+    return proc
+
+
+def _sniff_real_migration(tmp_path: Path, preset: str) -> None:
+    require_root()
+    require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
+    procs: list[subprocess.Popen[bytes]] = []
+    pcapng = tmp_path / "live.pcapng"
+
+    def via(dest_uri: str) -> str:
+        procs.append(_start_live(int(dest_uri.rsplit(":", 1)[1]), pcapng))
+        return dest_uri
+
+    try:
+        result = run_migration(PRESETS[preset], tmp_path, capture=False, timeout=30, via=via)
+        out, err = procs[0].communicate(timeout=15)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+    assert procs[0].returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert len(lines) == 1, "--once prints exactly one migration"
+    report = json.loads(lines[0])
+    assert report["kernel"]["drops"] == 0
+    assert report["kernel"]["packets"] > 0
+    codes = {f["code"] for f in report["findings"]}
+    assert not codes & {"capture-gap", "kernel-drops", "truncated"}, codes
+    truth = result.ground_truth["bitmaps"]
+    got = {(b["node"], b["name"]): b for b in report["bitmaps"]}
+    assert len(got) == len(truth) > 0
+    for bitmap in truth:
+        mine = got[(bitmap["node"], bitmap["name"])]
+        assert (mine["sha256"], mine["dirty_bytes"]) == (bitmap["sha256"], bitmap["dirty_bytes"])
+    # what -w wrote is a capture of the same migration
+    offline = analyze_path(pcapng, AnalysisOptions()).as_json()
+    assert sorted(b["sha256"] for b in offline["bitmaps"]) == sorted(b["sha256"] for b in truth)
+
+
+@pytest.mark.qemu
+def test_live_precopy_real_qemu(tmp_path: Path) -> None:
+    _sniff_real_migration(tmp_path, "precopy")
+
+
+@pytest.mark.qemu
+def test_live_postcopy_real_qemu(tmp_path: Path) -> None:
+    _sniff_real_migration(tmp_path, "postcopy")
+
+
+def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPatch) -> None:
+    from analyzer.live import LiveCapture
+
+    class Args:
+        iface, port, bpf, json, once, write = "lo", None, None, False, True, None
+
+    capture = LiveCapture(Args())  # type: ignore[arg-type]
+    capture.out = io.StringIO()
+    conn = _Conn(40000, 4444)
+    stream = g.build_file_header() + g.build_configuration("pc-i440fx-7.2") + g.build_eof()
+    for segment in conn.handshake() + [conn.seg(True, stream, PSH | ACK),
+                                       conn.seg(True, flags=FIN | ACK)]:
+        capture.demux.segment(segment)
+    text = capture.out.getvalue()
+    assert "configuration" in text and "pc-i440fx-7.2" in text
+    assert "Migration stream" in text  # the per-migration summary at FIN
+    assert capture.stop is True
