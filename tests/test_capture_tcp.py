@@ -483,3 +483,63 @@ def test_end_to_end_from_scapy_pcap(tmp_path: Path) -> None:
     flow = FlowKey(client, 40000, server, 4444)
     assert stream(events, flow) == payload
     assert kinds(events, flow)[-1] == "StreamClosed"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([(A, B), (B, A), (("10.0.0.3", 7), B)]),
+            st.integers(-3000, 3000),  # seq around a base, crossing 2**32
+            st.integers(0, 600),
+            st.sampled_from([0, SYN, FIN, RST, SYN | ACK, FIN | ACK, RST | ACK, PSH | ACK]),
+            st.integers(-3000, 3000),
+        ),
+        max_size=60,
+    )
+)
+def test_property_arbitrary_segments_keep_invariants(
+    segments: list[tuple[tuple[tuple[str, int], tuple[str, int]], int, int, int, int]],
+) -> None:
+    """Whatever arrives: no exception, per flow an Opened first, contiguous offsets,
+    nothing after Closed/Reset, buffers within bounds."""
+    r = TcpReassembler(max_buffer=2000, max_total_buffer=3000)
+    base = MASK - 1000
+    events: list[StreamEvent] = []
+    for (src, dst), seq, length, flags, ack in segments:
+        events += r.feed(
+            seg(
+                base + seq,
+                bytes(length),
+                flags | ACK if ack > 0 else flags,
+                src=src,
+                dst=dst,
+                ack=base + ack,
+            )
+        )
+        assert r.buffered_bytes <= 3000
+    events += r.finish()
+    assert r.buffered_bytes == 0
+    state: dict[FlowKey, int | None] = {}  # next offset; None once ended
+    for e in events:
+        if isinstance(e, StreamOpened):
+            assert e.flow not in state
+            state[e.flow] = 0
+            continue
+        assert e.flow in state and state[e.flow] is not None, e
+        if isinstance(e, StreamData | StreamGap):
+            assert e.offset == state[e.flow]
+            size = len(e.data) if isinstance(e, StreamData) else e.length
+            assert size > 0
+            state[e.flow] = e.offset + size
+        else:
+            state[e.flow] = None
+
+
+def test_flowkey_str_and_reverse() -> None:
+    assert str(AB) == "10.0.0.1:50000 -> 10.0.0.2:4444"
+    v6 = FlowKey("2001:db8::1", 1, "::1", 2, generation=3)
+    assert str(v6) == "[2001:db8::1]:1 -> [::1]:2 #3"
+    assert v6.reverse() == FlowKey("::1", 2, "2001:db8::1", 1, 3)
+    assert v6.reverse().reverse() == v6
+    assert len({AB, BA, AB.reverse()}) == 2
