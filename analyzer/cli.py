@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="one record per RAM page instead of one per section payload")
     dump.set_defaults(handler=cmd_dump)
 
+    tui = sub.add_parser("tui", help="browse records, bitmaps and findings in a terminal UI")
+    tui.add_argument("path", nargs="?", default=None,
+                     help="pcap, pcapng or raw migration stream (default: the bundled demo)")
+    tui.add_argument("--port", type=int, default=None,
+                     help="TCP port of the destination (default: find flows starting "
+                          "with QEVM)")
+    tui.set_defaults(handler=cmd_tui)
+
     live = sub.add_parser("live", help="sniff a migration as it happens (root)")
     live.add_argument("-i", "--iface", default="lo", help="interface (default: lo)")
     live.add_argument("--port", type=int, default=None,
@@ -103,6 +111,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     from analyzer.proxy import run_proxy
 
     return run_proxy(args)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from tui.app import run  # textual loads only for the TUI; analyzer never needs tui
+
+    return run(args.path, args.port)
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,96 @@
+"""The display filter language: what it matches, and that bad text is an error, never a crash."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analyzer.records import Record, Severity
+from tui.filter import FilterError, RowView, parse_filter
+
+
+def row(kind: str, *, section: str | None = "dirty-bitmap", node: str | None = None,
+        bitmap: str | None = None, offset: int = 0, severity: Severity | None = None,
+        codes: tuple[str, ...] = (), **fields: object) -> RowView:
+    record = Record(offset=offset, length=10, kind=kind, section=section, fields=dict(fields),
+                    node=node, bitmap=bitmap)
+    return RowView(1, record, severity, codes)
+
+
+BITS_INC0 = row("bitmap-bits", node="drive0", bitmap="inc0", offset=5000, first_sector=0,
+                zeroes=False)
+BITS_INC1 = row("bitmap-bits", node="drive0", bitmap="inc1", offset=6000, zeroes=True)
+START_SYNC = row("bitmap-start", node="drive1", bitmap="sync", offset=200, granularity=65536)
+RAM = row("ram-pages", section="ram", offset=100)
+BAD = row("bitmap-complete", node="drive0", bitmap="inc1", offset=7000,
+          severity=Severity.WARNING, codes=("coverage-gap",))
+ROWS = [BITS_INC0, BITS_INC1, START_SYNC, RAM, BAD]
+
+
+def matching(text: str) -> list[RowView]:
+    predicate = parse_filter(text)
+    assert predicate is not None
+    return [r for r in ROWS if predicate(r)]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('bitmap == "inc0" and kind == BITS', [BITS_INC0]),
+    ("kind == bitmap-bits", [BITS_INC0, BITS_INC1]),
+    ("severity >= warning", [BAD]),
+    ("severity >= note", [BAD]),
+    ("severity > warning", []),
+    ("section == ram", [RAM]),
+    ("section == RAM", [RAM]),
+    ('node == "drive0"', [BITS_INC0, BITS_INC1, BAD]),
+    ('bitmap == "drive1/sync"', [START_SYNC]),
+    ("offset > 1000", [BITS_INC0, BITS_INC1, BAD]),
+    ("offset >= 0x1388", [BITS_INC0, BITS_INC1, BAD]),
+    ("kind == start or section == ram", [START_SYNC, RAM]),
+    ("not section == dirty-bitmap", [RAM]),
+    ('not (node == "drive0" or kind == ram-pages)', [START_SYNC]),
+    ("zeroes", [BITS_INC1]),
+    ("bitmap", [BITS_INC0, BITS_INC1, START_SYNC, BAD]),
+    ("granularity == 65536", [START_SYNC]),
+    ("code == coverage-gap", [BAD]),
+    ("kind contains comp", [BAD]),
+    ("offset < 300 and offset > 150 or bitmap == 'inc0'", [START_SYNC, BITS_INC0]),
+])
+def test_filter_matches(text: str, expected: list[RowView]) -> None:
+    assert matching(text) == [r for r in ROWS if r in expected]
+
+
+def test_empty_filter_is_no_filter() -> None:
+    assert parse_filter("") is None
+    assert parse_filter("   ") is None
+
+
+@pytest.mark.parametrize(("text", "position"), [
+    ("kind ==", 7),
+    ("kind == BITS and", 16),
+    ("(kind == BITS", 13),
+    ("colour == red", 0),
+    ('bitmap == "inc0', 10),
+    ("severity >= loud", 12),
+    ("kind == BITS)", 12),
+    ("== 3", 0),
+    ("offset > 1 $", 11),
+])
+def test_invalid_filters_say_where(text: str, position: int) -> None:
+    with pytest.raises(FilterError) as caught:
+        parse_filter(text)
+    assert caught.value.position == position
+    assert str(caught.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list('kindoffset=!<>()"\' andornot0x1BITSram-/.')) ,
+               max_size=40))
+def test_any_text_parses_or_is_a_filter_error(text: str) -> None:
+    try:
+        predicate = parse_filter(text)
+    except FilterError:
+        return
+    if predicate is not None:
+        for r in ROWS:
+            assert predicate(r) in (True, False)
