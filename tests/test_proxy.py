@@ -139,3 +139,23 @@ def test_proxy_postcopy_real_qemu(tmp_path: Path) -> None:
     require_tools(*QEMU_TOOLS)
     report = _migrate_through_proxy(tmp_path, None, "postcopy-1node")
     assert report["phases"][-2:] == ["postcopy-listen", "postcopy-run"]
+
+
+@pytest.mark.qemu
+def test_proxy_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """With the return-path capability the destination talks back; the proxy decodes it."""
+    require_tools(*QEMU_TOOLS)
+    from tests.realqemu import harness
+
+    def caps_with_return_path(qmp: harness.QMPClient) -> None:
+        qmp.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": name, "state": True}
+            for name in ("dirty-bitmaps", "events", "return-path")])
+
+    monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
+    report = _migrate_through_proxy(tmp_path, None, "postcopy-1node")
+    # postcopy pings the destination once (PONG) and the destination ends with SHUT 0
+    assert report["return_path"]["messages"] == {"PONG": 1, "SHUT": 1}
+    assert report["return_path"]["shut_code"] == 0
+    assert not [f for f in report["findings"] if f["section"] == "return-path"]
