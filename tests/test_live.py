@@ -127,7 +127,7 @@ def _start_live(port: int, pcapng: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _sniff_real_migration(tmp_path: Path, preset: str) -> None:
+def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
     require_root()
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
     procs: list[subprocess.Popen[bytes]] = []
@@ -162,6 +162,7 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> None:
     # what -w wrote is a capture of the same migration
     offline = analyze_path(pcapng, AnalysisOptions()).as_json()
     assert sorted(b["sha256"] for b in offline["bitmaps"]) == sorted(b["sha256"] for b in truth)
+    return report
 
 
 @pytest.mark.qemu
@@ -171,7 +172,23 @@ def test_live_precopy_real_qemu(tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_live_postcopy_real_qemu(tmp_path: Path) -> None:
-    _sniff_real_migration(tmp_path, "postcopy")
+    report = _sniff_real_migration(tmp_path, "postcopy")
+    assert report["phases"][-1] == "postcopy-run"
+
+
+@pytest.mark.qemu
+def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    from tests.realqemu import harness
+
+    def caps_with_return_path(qmp: harness.QMPClient) -> None:
+        qmp.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": name, "state": True}
+            for name in ("dirty-bitmaps", "events", "return-path")])
+
+    monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
+    report = _sniff_real_migration(tmp_path, "postcopy-1node")
+    assert report["return_path"] == {"messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
 def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPatch) -> None:
