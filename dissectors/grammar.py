@@ -13,6 +13,7 @@ Facts: QEMU's migration/savevm.c, migration/ram.c, migration/block-dirty-bitmap.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import Any
 
 from construct import (
     Adapter,
@@ -23,6 +24,7 @@ from construct import (
     Container,
     GreedyBytes,
     If,
+    IfThenElse,
     Int8ub,
     Int16ub,
     Int32ub,
@@ -223,43 +225,41 @@ RamCompressedHeader = Struct(
 # --- dirty-bitmap section (block-dirty-bitmap.c, version 1) -------------------
 
 
-def _flags_value(ctx: Container) -> int:
-    """The flags a QEMU destination acts on: qemu_get_bitmap_flags() keeps them in a
-    uint8_t, so each extension step shifts the earlier bytes out and only the last
-    byte survives."""
-    if ctx.tail is not None:
-        return ctx.tail & 0xFF
-    if ctx.second is not None:
-        return ctx.second
-    return ctx.first
-
-
-def _flags_width(ctx: Container) -> int:
-    return 1 + (ctx.second is not None) + 2 * (ctx.tail is not None)
-
-
-def _flags_wire_value(ctx: Container) -> int:
-    """The flags as the 2017 draft meant them: all bytes as one big-endian number."""
-    value = ctx.first
-    if ctx.second is not None:
-        value = value << 8 | ctx.second
-    if ctx.tail is not None:
-        value = value << 16 | ctx.tail
-    return value
-
+# qemu_get_bitmap_flags() keeps the flags in a uint8_t, so each extension step
+# shifts the earlier bytes out: a QEMU destination acts on the last byte only.
+# `wire_value` is what the 2017 draft meant: all bytes as one big-endian number.
+# Declared with construct expressions (no Python callables) so that the structs
+# compile: the decoder parses thousands of these per second of a real migration.
+_FlagsExtension = Struct(
+    "second" / Int8ub,
+    "tail" / If(this.second & BitmapFlag.EXTRA_FLAGS.value, Int16ub),
+)
 
 BitmapFlags = Struct(
     "first" / Int8ub,
-    "second" / If(this.first & BitmapFlag.EXTRA_FLAGS, Int8ub),
-    "tail" / If(lambda ctx: ctx.second is not None and ctx.second & BitmapFlag.EXTRA_FLAGS,
-                Int16ub),
-    "width" / Computed(_flags_width),
-    "value" / Computed(_flags_value),
-    "wire_value" / Computed(_flags_wire_value),
+    "ext" / If(this.first & BitmapFlag.EXTRA_FLAGS.value, _FlagsExtension),
+    "width" / IfThenElse(
+        this.ext == None,  # noqa: E711 - a construct expression, not a Python test
+        Computed(1),
+        IfThenElse(this.ext.tail == None, Computed(2), Computed(4)),  # noqa: E711
+    ),
+    "value" / IfThenElse(
+        this.ext == None,  # noqa: E711
+        Computed(this.first),
+        IfThenElse(this.ext.tail == None, Computed(this.ext.second),  # noqa: E711
+                   Computed(this.ext.tail & 0xFF)),
+    ),
+    "wire_value" / IfThenElse(
+        this.ext == None,  # noqa: E711
+        Computed(this.first),
+        IfThenElse(this.ext.tail == None,  # noqa: E711
+                   Computed(this.first * 256 + this.ext.second),
+                   Computed(this.first * 16777216 + this.ext.second * 65536 + this.ext.tail)),
+    ),
 )
 
 
-def bitmap_flags_fields(value: int, width: int = 1) -> dict[str, int | None]:
+def bitmap_flags_fields(value: int, width: int = 1) -> dict[str, Any]:
     """Field values for building BitmapFlags that a QEMU reader decodes to `value`.
 
     QEMU only ever writes width 1. Widths 2 and 4 put the flags in the last byte and
@@ -267,29 +267,51 @@ def bitmap_flags_fields(value: int, width: int = 1) -> dict[str, int | None]:
     QEMU destination reads back as `value`.
     """
     if width == 1:
-        return {"first": value, "second": None, "tail": None}
+        return {"first": value, "ext": None}
     if width == 2:
-        return {"first": BitmapFlag.EXTRA_FLAGS, "second": value, "tail": None}
+        return {"first": BitmapFlag.EXTRA_FLAGS, "ext": {"second": value, "tail": None}}
     if width == 4:
-        return {"first": BitmapFlag.EXTRA_FLAGS, "second": BitmapFlag.EXTRA_FLAGS,
-                "tail": value & 0xFF}
+        return {"first": BitmapFlag.EXTRA_FLAGS,
+                "ext": {"second": BitmapFlag.EXTRA_FLAGS, "tail": value & 0xFF}}
     raise ValueError(f"bitmap flags are 1, 2 or 4 bytes wide, not {width}")
 
 
-def _has(flag: int):  # noqa: ANN202 - construct context predicate
-    return lambda ctx: bool(ctx.flags.value & flag)
+def _has(flag: BitmapFlag) -> Any:
+    return (this.flags.value & flag.value) != 0
 
 
-def _record_kind(ctx: Container) -> str:
+class RecordKind(IntEnum):
     """Which body QEMU's dirty_bitmap_load() reads: START wins over COMPLETE over BITS."""
-    value = ctx.flags.value
-    if value & BitmapFlag.START:
-        return "start"
-    if value & BitmapFlag.COMPLETE:
-        return "complete"
-    if value & BitmapFlag.BITS:
-        return "bits"
-    return "eos" if value & BitmapFlag.EOS else "empty"
+
+    EMPTY = 0
+    START = 1
+    COMPLETE = 2
+    BITS = 3
+    EOS = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# Plain ints in the declaration: the construct compiler emits Computed values verbatim.
+_record_kind = IfThenElse(
+    _has(BitmapFlag.START), Computed(RecordKind.START.value),
+    IfThenElse(_has(BitmapFlag.COMPLETE), Computed(RecordKind.COMPLETE.value),
+               IfThenElse(_has(BitmapFlag.BITS), Computed(RecordKind.BITS.value),
+                          IfThenElse(_has(BitmapFlag.EOS), Computed(RecordKind.EOS.value),
+                                     Computed(RecordKind.EMPTY.value)))))
+
+
+def record_kind(flags: int) -> RecordKind:
+    """The record kind QEMU's loader sees for these (last-byte) flags."""
+    if flags & BitmapFlag.START:
+        return RecordKind.START
+    if flags & BitmapFlag.COMPLETE:
+        return RecordKind.COMPLETE
+    if flags & BitmapFlag.BITS:
+        return RecordKind.BITS
+    return RecordKind.EOS if flags & BitmapFlag.EOS else RecordKind.EMPTY
 
 
 BitmapStart = Struct(
@@ -306,11 +328,13 @@ _record_head_fields: list[Construct] = [
     "flags" / BitmapFlags,
     "device_name" / If(_has(BitmapFlag.DEVICE_NAME), counted_name),
     "bitmap_name" / If(_has(BitmapFlag.BITMAP_NAME), counted_name),
-    "kind" / Computed(_record_kind),
-    "start" / If(this.kind == "start", BitmapStart),
-    "bits" / If(this.kind == "bits", BitmapBitsHead),
+    "kind" / _record_kind,
+    "start" / If(this.kind == RecordKind.START.value, BitmapStart),
+    "bits" / If(this.kind == RecordKind.BITS.value, BitmapBitsHead),
     "buffer_size" / If(
-        lambda ctx: ctx.kind == "bits" and not ctx.flags.value & BitmapFlag.ZEROES, Int64ub
+        (this.kind == RecordKind.BITS.value)
+        & ((this.flags.value & BitmapFlag.ZEROES.value) == 0),
+        Int64ub,
     ),
 ]
 
@@ -321,7 +345,7 @@ BITMAP_RECORD_HEAD_MAX = 4 + 2 * 256 + 12 + 8
 
 BitmapRecord = Struct(
     *_record_head_fields,
-    "buffer" / If(lambda ctx: ctx.buffer_size is not None, Bytes(this.buffer_size)),
+    "buffer" / If(this.buffer_size != None, Bytes(this.buffer_size)),  # noqa: E711
 )
 
 
@@ -347,14 +371,13 @@ def bitmap_record(
         flags |= BitmapFlag.DEVICE_NAME
     if bitmap_name is not None:
         flags |= BitmapFlag.BITMAP_NAME
-    kind_ctx = Container(flags=Container(value=flags))
-    kind = _record_kind(kind_ctx)
+    kind = record_kind(flags)
     start = bits = None
-    if kind == "start":
+    if kind == RecordKind.START:
         start = {"granularity": granularity, "bitmap_flags": bitmap_flags or 0}
-    elif kind == "bits":
+    elif kind == RecordKind.BITS:
         bits = {"first_sector": first_sector, "sector_count": sector_count}
-    has_buffer = kind == "bits" and not flags & BitmapFlag.ZEROES
+    has_buffer = kind == RecordKind.BITS and not flags & BitmapFlag.ZEROES
     if has_buffer and buffer is None:
         buffer = b""
     return BitmapRecord.build(
@@ -452,3 +475,18 @@ def build_ram_page(
 
 def build_ram_eos() -> bytes:
     return build_ram_header(0, RamFlag.EOS)
+
+
+_compiled: dict[int, Construct] = {}
+
+
+def compiled(struct: Construct) -> Construct:
+    """The construct-compiled parser of a declaration (same results, ~10x faster).
+
+    Used by the decoder for the small records a real stream repeats by the thousand
+    (idle iterations send a section header, an EOS and a footer every millisecond).
+    """
+    parser = _compiled.get(id(struct))
+    if parser is None:
+        parser = _compiled[id(struct)] = struct.compile()
+    return parser
