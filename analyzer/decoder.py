@@ -13,6 +13,7 @@ struct taken from the same grammar and their page data is skipped, never copied 
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Callable
@@ -26,6 +27,10 @@ from analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
 from dissectors import grammar as g
 
 _RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
+_parse_bitmap_head = g.compiled(g.BitmapRecordHead).parse
+_parse_section_short = g.compiled(g.SectionHeaderShort).parse
+_parse_section_full = g.compiled(g.SectionHeaderFull).parse
+_parse_footer = g.compiled(g.SectionFooter).parse
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 
@@ -42,6 +47,14 @@ _VALID_RAM_FLAGS = (
     g.RamFlag.ZERO | g.RamFlag.MEM_SIZE | g.RamFlag.PAGE | g.RamFlag.EOS | g.RamFlag.CONTINUE
     | g.RamFlag.XBZRLE | g.RamFlag.HOOK | g.RamFlag.COMPRESS_PAGE | g.RamFlag.MULTIFD_FLUSH
 )
+
+# Plain ints for the RAM hot loop: IntFlag arithmetic costs microseconds per record.
+_PAGE = int(g.RamFlag.PAGE)
+_CONTINUE = int(g.RamFlag.CONTINUE)
+_PAGE_OR_ZERO = int(g.RamFlag.PAGE | g.RamFlag.ZERO)
+_PAGE_CONTINUE = int(g.RamFlag.PAGE | g.RamFlag.CONTINUE)
+_ZERO_CONTINUE = int(g.RamFlag.ZERO | g.RamFlag.CONTINUE)
+_NOT_PAGE_RECORD = ~int(g.RamFlag.PAGE | g.RamFlag.ZERO | g.RamFlag.CONTINUE)
 
 NeedMore = int  # a handler's "come back when this many bytes are buffered from _pos"
 
@@ -139,6 +152,17 @@ class StreamDecoder:
             if self._skip:
                 return self._drain()
         if view:
+            if (self._state == self._state_ram and self._pos == len(self._buf)
+                    and not self.ram_detail and self._package_end is None
+                    and self._ram_run is not None):
+                if self._buf:  # consumed bytes left behind when a page skip began
+                    self._base += self._pos
+                    self._buf.clear()
+                    self._pos = 0
+                view = self._ram_direct(view)
+                if not view:
+                    return self._drain()
+                self._need = 1
             self._buf += view
         if len(self._buf) - self._pos >= self._need:
             self._run()
@@ -253,6 +277,8 @@ class StreamDecoder:
         if self._pos > 65536 or self._pos == len(self._buf):
             del self._buf[: self._pos]
             self._base += self._pos
+            # A buffer index: it must move with the bytes or the footer scan skips them.
+            self._device_scan_from = max(0, self._device_scan_from - self._pos)
             self._pos = 0
 
     def _abs(self, pos: int) -> int:
@@ -488,7 +514,7 @@ class StreamDecoder:
         size = 1 + 4 + 1 + name_len + 8
         if self._available() < size:
             return self._short(size, "a section header")
-        head = g.SectionHeaderFull.parse(bytes(self._buf[self._pos + 1 : self._pos + size]))
+        head = _parse_section_full(bytes(self._buf[self._pos + 1 : self._pos + size]))
         item_type = g.ItemType(self._buf[self._pos])
         section = _Section(head.section_id, head.idstr, head.instance_id, head.version_id)
         self._sections[head.section_id] = section
@@ -509,7 +535,7 @@ class StreamDecoder:
     def _item_section_part(self) -> NeedMore | None:
         if self._available() < 5:
             return self._short(5, "a section header")
-        head = g.SectionHeaderShort.parse(bytes(self._buf[self._pos + 1 : self._pos + 5]))
+        head = _parse_section_short(bytes(self._buf[self._pos + 1 : self._pos + 5]))
         item_type = g.ItemType(self._buf[self._pos])
         section = self._sections.get(head.section_id)
         kind = "section-part" if item_type == g.ItemType.SECTION_PART else "section-end"
@@ -638,7 +664,7 @@ class StreamDecoder:
         if avail < 5:
             return self._short(5, "a section footer")
         start = self._abs(self._pos)
-        footer = g.SectionFooter.parse(bytes(self._buf[self._pos + 1 : self._pos + 5]))
+        footer = _parse_footer(bytes(self._buf[self._pos + 1 : self._pos + 5]))
         self._record("footer", start, start + 5, section_id=footer.section_id)
         if footer.section_id != section.section_id:
             self._emit(findings.make(
@@ -700,11 +726,9 @@ class StreamDecoder:
             header = unpack(buf, pos)[0]
             flags = header & mask
             body = pos + 8
-            if flags & (g.RamFlag.PAGE | g.RamFlag.ZERO) and not flags & ~(
-                g.RamFlag.PAGE | g.RamFlag.ZERO | g.RamFlag.CONTINUE
-            ):
+            if flags & _PAGE_OR_ZERO and not flags & _NOT_PAGE_RECORD:
                 block_name = None
-                if not flags & g.RamFlag.CONTINUE:
+                if not flags & _CONTINUE:
                     if body >= limit:
                         self._pos = pos
                         return self._short(body - pos + 1, "a RAM record")
@@ -719,7 +743,7 @@ class StreamDecoder:
                     self._pos = pos
                     self._ram_error(pos, "RAM record with CONTINUE before any block name")
                     return None
-                if flags & g.RamFlag.PAGE:
+                if flags & _PAGE:
                     end = body + page_size
                     if detail:
                         self._pos = pos
@@ -755,6 +779,70 @@ class StreamDecoder:
                 continue
             self._pos = pos
             return self._ram_other(header, flags)
+
+    def _ram_direct(self, view: memoryview) -> memoryview:
+        """Walk whole PAGE/ZERO records straight from the fed data, so that page data
+        (nearly all of a migration) is never copied into the buffer. Stops at anything
+        else, or at a record cut by the end of `view`, and returns the bytes left for
+        the buffered path; a page cut by the end is skipped as it arrives."""
+        unpack = _RAM_HEADER.unpack_from
+        mask = self._page_mask
+        page_size = self.page_size
+        limit = len(view)
+        pos = pages = zeros = 0
+        while limit - pos >= 8:
+            header = unpack(view, pos)[0]
+            flags = header & mask
+            # The two shapes of nearly every record come first, tested by equality.
+            if flags == _PAGE_CONTINUE:
+                pages += 1
+                pos += 8 + page_size
+                if pos > limit:
+                    self._skip = pos - limit
+                    self._skip_start = self._base + pos - 8 - page_size
+                    pos = limit
+                    break
+                continue
+            if flags == _ZERO_CONTINUE:
+                if pos + 9 > limit:
+                    break
+                zeros += 1
+                pos += 9
+                continue
+            if not flags & _PAGE_OR_ZERO or flags & _NOT_PAGE_RECORD:
+                break
+            body = pos + 8
+            if not flags & _CONTINUE:
+                if body >= limit:
+                    break
+                name_end = body + 1 + view[body]
+                if name_end > limit:
+                    break
+                self._ram_block = bytes(view[body + 1 : name_end]).decode("utf-8", "replace")
+                body = name_end
+            elif self._ram_block is None:
+                break  # the buffered path reports it
+            if flags & _PAGE:
+                pages += 1
+                end = body + page_size
+                if end > limit:
+                    self._skip = end - limit
+                    self._skip_start = self._base + pos
+                    pos = limit
+                    break
+                pos = end
+            else:
+                if body >= limit:
+                    break
+                zeros += 1
+                pos = body + 1
+        run = self._ram_run
+        assert run is not None
+        run.pages += pages
+        run.zero_pages += zeros
+        run.data_bytes += pages * page_size
+        self._base += pos
+        return view[pos:]
 
     def _ram_error(self, pos: int, message: str) -> None:
         start = self._abs(pos)
@@ -875,8 +963,8 @@ class StreamDecoder:
             return None
         head_probe = min(avail, g.BITMAP_RECORD_HEAD_MAX)
         try:
-            head = g.BitmapRecordHead.parse(bytes(self._buf[self._pos : self._pos + head_probe]))
-        except ConstructError:
+            head = _parse_bitmap_head(bytes(self._buf[self._pos : self._pos + head_probe]))
+        except (ConstructError, struct.error):  # compiled parsers raise struct.error
             if avail >= g.BITMAP_RECORD_HEAD_MAX:
                 raise  # cannot happen: the head is never longer than its bound
             return self._short(avail + 1, "a dirty-bitmap record")
@@ -945,7 +1033,7 @@ class StreamDecoder:
             self._bm_node = head.device_name
         if head.bitmap_name is not None:
             self._bm_name = head.bitmap_name
-        kind = "bitmap-" + head.kind
+        kind = "bitmap-" + g.RecordKind(head.kind).label
         fields: dict[str, Any] = {
             "flags": flags,
             "flags_width": head.flags.width,
@@ -1218,6 +1306,7 @@ def _bitmap_head_length(head: Any) -> int:
     return length
 
 
+@functools.lru_cache(maxsize=512)
 def _flag_names(flags: int) -> list[str]:
     return [flag.name for flag in g.BitmapFlag if flags & flag and flag.name]
 
