@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="summarise a capture or raw stream")
     _input_arguments(analyze)
     analyze.add_argument("--json", action="store_true", help="print one JSON object")
+    analyze.add_argument("--export-scenario", metavar="FILE", default=None,
+                         help="also write a scenario (TOML) that regenerates the bitmaps "
+                              "seen on the wire (migshark generate)")
     analyze.set_defaults(handler=cmd_analyze)
 
     dump = sub.add_parser("dump", help="one line per record, like tshark")
@@ -135,7 +138,13 @@ def exit_code(result: AnalysisResult) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    result = analyze_path(args.path, _options(args, keep_buffers=True))
+    from analyzer.encoder import ScenarioExporter
+
+    exporter = ScenarioExporter() if args.export_scenario else None
+    result = analyze_path(args.path, _options(args, keep_buffers=True),
+                          exporter.sink if exporter else None)
+    if exporter is not None and not exporter.write(result, args.export_scenario):
+        print("migshark: no migration stream to export a scenario from", file=sys.stderr)
     if args.json:
         json.dump(result.as_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

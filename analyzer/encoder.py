@@ -218,6 +218,16 @@ class _Out:
     def data(self) -> bytes:
         return b"".join(self.parts)
 
+    def data_slice(self, mark: Mark) -> bytes:
+        """The bytes of a mark added last-but-few (only recent parts are searched)."""
+        end = self.offset
+        for part in reversed(self.parts):
+            start = end - len(part)
+            if start == mark.offset and len(part) == mark.length:
+                return part
+            end = start
+        raise ValueError("mark is not one added part")
+
 
 class _NameMemory:
     """send_bitmap_header()'s prev_bs / prev_bitmap, kept for the whole migration."""
@@ -266,16 +276,23 @@ class Encoder:
         out.add(g.build_ram_eos(), "ram-eos")
         self._footer(RAM_SECTION_ID)
         self._bitmap_setup()
-        for iteration in range(s.iterations):
-            self._section_part(g.ItemType.SECTION_PART, RAM_SECTION_ID)
-            if iteration == 0:
-                self._ram_pages()
-            out.add(g.build_ram_eos(), "ram-eos")
-            self._footer(RAM_SECTION_ID)
+        self._section_part(g.ItemType.SECTION_PART, RAM_SECTION_ID)
+        self._ram_pages()
+        out.add(g.build_ram_eos(), "ram-eos")
+        self._footer(RAM_SECTION_ID)
+        if self.plans:
+            self._idle_bitmap_part()
+        if s.iterations > 1:
+            # Later iterations are byte-identical (a paused source has nothing new to
+            # send), so one is built through the grammar and repeated.
+            first = len(out.marks)
+            self._idle_ram_part()
             if self.plans:
-                self._section_part(g.ItemType.SECTION_PART, DIRTY_BITMAP_SECTION_ID)
-                self._bitmap_eos()
-                self._footer(DIRTY_BITMAP_SECTION_ID)
+                self._idle_bitmap_part()
+            template = [(m.kind, out.data_slice(m), m.info) for m in out.marks[first:]]
+            for _ in range(s.iterations - 2):
+                for kind, data, info in template:
+                    out.add(data, kind, **info)
         self._ram_end()
         if s.mode == "precopy":
             if self.plans:
@@ -327,6 +344,16 @@ class Encoder:
     def _footer(self, section_id: int, wire_id: int | None = None) -> int:
         return self.out.add(g.build_footer(section_id if wire_id is None else wire_id),
                             "footer", section_id=section_id)
+
+    def _idle_ram_part(self) -> None:
+        self._section_part(g.ItemType.SECTION_PART, RAM_SECTION_ID)
+        self.out.add(g.build_ram_eos(), "ram-eos")
+        self._footer(RAM_SECTION_ID)
+
+    def _idle_bitmap_part(self) -> None:
+        self._section_part(g.ItemType.SECTION_PART, DIRTY_BITMAP_SECTION_ID)
+        self._bitmap_eos()
+        self._footer(DIRTY_BITMAP_SECTION_ID)
 
     def _ram_end(self) -> None:
         self._section_part(g.ItemType.SECTION_END, RAM_SECTION_ID)
@@ -627,3 +654,112 @@ def cmd_generate(args: Any) -> int:
           f"{', '.join(f['code'] for f in expected['findings']) or 'none'}")
     print(f"{expected_path(args.output)}: expected result")
     return 0
+
+
+# --- `analyze --export-scenario`: a scenario that regenerates a capture's bitmaps ------
+
+
+def scenario_from_stream(migration: Any, ram_blocks: list[dict[str, Any]],
+                         ram_pages: tuple[int, int], bitmap_parts: int) -> dict[str, Any]:
+    """A scenario dict for one analysed MigrationStream: its bitmaps in wire order
+    with the wire names (aliases stay aliases), granularity, flags, node size and
+    exact dirty granules (as byte extents)."""
+    summary = migration.result()
+    mode = "postcopy" if "postcopy-listen" in summary["phases"] else "precopy"
+    nodes: dict[str, dict[str, Any]] = {}
+    for state in migration.tracker.bitmaps.values():
+        if state.granularity is None or state.started_at is None or not state.coverage:
+            continue
+        size = state.end_sector * g.SECTOR_SIZE
+        node = nodes.setdefault(state.node, {"name": state.node, "size": size, "bitmaps": []})
+        node["size"] = max(node["size"], size)
+        flags = state.bitmap_flags or 0
+        node["bitmaps"].append({
+            "name": state.name,
+            "granularity": state.granularity,
+            "enabled": bool(flags & g.BitmapStartFlag.ENABLED),
+            "persistent": bool(flags & g.BitmapStartFlag.PERSISTENT),
+            "dirty": _extents(state.serialized(), state.granularity, size),
+        })
+    pages, zero_pages = ram_pages
+    blocks = [{"name": b["idstr"], "size": b["used_length"],
+               "data_fraction": round(pages / max(pages + zero_pages, 1), 4)}
+              for b in ram_blocks if b["used_length"] % PAGE_SIZE == 0 and b["used_length"]]
+    scenario: dict[str, Any] = {
+        "name": "exported",
+        "machine_type": summary["machine_type"] or "pc-i440fx-7.2",
+        "mode": mode,
+        "iterations": max(bitmap_parts, 1),
+    }
+    if blocks:
+        scenario["ram"] = {"blocks": blocks}
+    scenario["nodes"] = list(nodes.values())
+    return scenario
+
+
+def _extents(words: bytes, granularity: int, size: int) -> list[list[int]]:
+    """Runs of set bits as [offset, length] byte extents, clipped to the node."""
+    value = int.from_bytes(words, "little")
+    out = []
+    granule = 0
+    while value >> granule:
+        low = value >> granule
+        start = granule + (low & -low).bit_length() - 1
+        run = (~(value >> start) & -(~(value >> start))).bit_length() - 1
+        offset = start * granularity
+        out.append([offset, min(run * granularity, size - offset)])
+        granule = start + run
+    return out
+
+
+class ScenarioExporter:
+    """Collects, as an analysis runs (its `sink`), what a scenario needs beyond the
+    bitmaps: RAM blocks and page counts, and how many iterations went by."""
+
+    def __init__(self) -> None:
+        self._facts: dict[int, dict[str, Any]] = {}
+
+    def sink(self, stream: Any, event: Any) -> None:
+        seen = self._facts.setdefault(id(stream), {"blocks": [], "pages": 0, "zero": 0,
+                                                   "parts": 0, "done": False})
+        kind = getattr(event, "kind", None)
+        if kind == "ram-mem-size" and not seen["blocks"]:
+            seen["blocks"] = event.fields.get("blocks", [])
+        elif kind == "ram-pages":
+            seen["pages"] += event.fields.get("pages", 0)
+            seen["zero"] += event.fields.get("zero_pages", 0)
+        elif kind == "section-end":
+            seen["done"] = True
+        elif (kind == "section-part" and event.section == g.DIRTY_BITMAP_SECTION_IDSTR
+              and not seen["done"]):
+            seen["parts"] += 1
+
+    def scenarios(self, result: Any) -> list[dict[str, Any]]:
+        """One scenario dict per migration stream of the analysis result."""
+        out = []
+        for migration in result.migrations:
+            seen = self._facts.get(id(migration), {"blocks": [], "pages": 0, "zero": 0,
+                                                   "parts": 0})
+            out.append(scenario_from_stream(migration, seen["blocks"],
+                                            (seen["pages"], seen["zero"]), seen["parts"]))
+        return out
+
+    def write(self, result: Any, path: str | Path) -> int:
+        """Write the first migration's scenario as TOML; returns how many there were."""
+        from analyzer.scenario import scenario_to_toml
+
+        scenarios = self.scenarios(result)
+        if scenarios:
+            header = (f"# Exported by migshark analyze --export-scenario from {result.path}\n"
+                      "# Bitmaps in wire order, with the names (or aliases) on the wire.\n")
+            Path(path).write_text(header + scenario_to_toml(scenarios[0]))
+        return len(scenarios)
+
+
+def export_scenario(path: str, options: Any = None) -> list[dict[str, Any]]:
+    """One scenario dict per migration stream in the capture at `path`."""
+    from analyzer.analysis import AnalysisOptions, analyze_path
+
+    exporter = ScenarioExporter()
+    result = analyze_path(path, options or AnalysisOptions(), exporter.sink)
+    return exporter.scenarios(result)

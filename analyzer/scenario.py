@@ -391,3 +391,41 @@ def _bool(data: dict[str, Any], key: str, default: bool, where: str) -> bool:
     if not isinstance(value, bool):
         raise ScenarioError(f"{where}.{key} must be true or false")
     return value
+
+
+# --- writing ----------------------------------------------------------------------
+
+
+def scenario_to_toml(data: dict[str, Any]) -> str:
+    """TOML text for a scenario dict of the shape scenario_from_dict() reads."""
+    lines: list[str] = []
+    for key, value in data.items():
+        if key not in ("ram", "nodes", "transport"):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for block in data.get("ram", {}).get("blocks", []):
+        lines += ["", "[[ram.blocks]]"] + [f"{k} = {_toml_value(v)}" for k, v in block.items()]
+    for node in data.get("nodes", []):
+        lines += ["", "[[nodes]]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in node.items() if k != "bitmaps"]
+        for bitmap in node.get("bitmaps", []):
+            lines += ["", "[[nodes.bitmaps]]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in bitmap.items()]
+    if data.get("transport"):
+        lines += ["", "[transport]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in data["transport"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        import json
+
+        # A JSON string is a valid TOML basic string for every character JSON escapes.
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
