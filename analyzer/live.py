@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 from analyzer import findings
 from analyzer.analysis import AnalysisOptions, AnalysisResult, CaptureDemux, MigrationStream
-from analyzer.capture import FlowKey, StreamData, StreamGap, StreamReset, parse_frame
+from analyzer.capture import RST, FlowKey, StreamData, StreamGap, StreamReset, parse_frame
 from analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from analyzer.records import Event, Finding, Record, Severity
 from analyzer.returnpath import ReturnPathDecoder
@@ -120,6 +120,26 @@ class LiveDemux(CaptureDemux):
         super()._event(event)
         if isinstance(event, StreamReset) and forward is not None and not forward.closed:
             self._end(forward)
+
+    def segment(self, segment: Any) -> None:
+        super().segment(segment)
+        if not segment.flags & RST:
+            return
+        # A destination that closed (FIN) and then died answers the source's next bytes
+        # with a RST. The reassembler ignores a RST on a direction already closed, so no
+        # StreamReset comes and the migration would wait forever for a FIN the source
+        # can no longer send: end it here.
+        tuples = {(segment.src, segment.sport, segment.dst, segment.dport),
+                  (segment.dst, segment.dport, segment.src, segment.sport)}
+        for flow, stream in list(self._by_flow.items()):
+            if stream.closed or flow[:4] not in tuples:
+                continue
+            if "peer-reset" not in {f.code for f in stream.findings}:
+                side = "destination" if flow.src != segment.src else "source"
+                stream.add_finding(findings.make(
+                    "peer-reset", f"TCP RST from the {side} ({segment.src}:{segment.sport}) "
+                    f"after {stream.decoder.offset} stream bytes", stream.decoder.offset))
+            self._end(stream)
 
     def _return_path(self, stream: MigrationStream, events: list[Event]) -> None:
         for event in events:

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +78,24 @@ def test_demux_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
     assert demux.streams[0].result()["complete"] is True
 
 
+def test_reset_after_the_destination_closed_still_ends_the_migration() -> None:
+    """FIN from the destination, then its RST to the source's next bytes: the
+    reassembler has closed that direction, yet the migration must end."""
+    demux = LiveDemux(AnalysisOptions())
+    ended: list[str] = []
+    demux.on_stream_end = lambda stream: ended.append(stream.name)
+    conn = _Conn(40000, 4444)
+    stream = precopy_stream(eof=False)
+    for segment in conn.handshake() + [conn.seg(True, stream[:2000], PSH | ACK),
+                                       conn.seg(False, flags=FIN | ACK),
+                                       conn.seg(True, stream[2000:], PSH | ACK)]:
+        demux.segment(segment)
+    assert ended == []
+    demux.segment(conn.seg(False, flags=RST))
+    assert ended == [demux.streams[0].name]
+    assert "peer-reset" in [f.code for f in demux.streams[0].findings]
+
+
 def test_pcapng_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
     # odd lengths exercise the block padding
     frame = bytearray(range(61))
@@ -139,7 +158,14 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
 
     try:
         result = run_migration(PRESETS[preset], tmp_path, capture=False, timeout=30, via=via)
-        out, err = procs[0].communicate(timeout=15)
+        try:
+            out, err = procs[0].communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            # Ctrl-C makes it report what it has: show that instead of a bare timeout
+            procs[0].send_signal(signal.SIGINT)
+            out, err = procs[0].communicate(timeout=5)
+            raise AssertionError(f"live did not see the migration end: {out[-3000:]!r} "
+                                 f"{err[-2000:]!r}") from None
     finally:
         for proc in procs:
             if proc.poll() is None:
