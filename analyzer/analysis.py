@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analyzer import findings
-from analyzer.bitmaps import BitmapTracker, DestinationContext
+from analyzer.bitmaps import BitmapTracker, DestinationContext, Dialect
 from analyzer.capture import (
     CaptureFormatError,
     CaptureReader,
@@ -31,6 +31,7 @@ from analyzer.capture import (
     sniff_format,
 )
 from analyzer.decoder import StreamDecoder
+from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record, Severity
 from dissectors.grammar import QEVM_MAGIC
 
@@ -51,6 +52,8 @@ class AnalysisOptions:
     destination: DestinationContext | None = None
     aliases: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     vmdesc: dict[str, Any] | None = None
+    mapping: BitmapMapping | None = None  # block-bitmap-mapping of the destination
+    dialect: Dialect = Dialect.QEMU
 
 
 class MigrationStream:
@@ -61,7 +64,8 @@ class MigrationStream:
         self.name = name
         self.flow = flow
         self.decoder = StreamDecoder(vmdesc=options.vmdesc, ram_detail=options.ram_detail)
-        self.tracker = BitmapTracker(options.destination, options.aliases)
+        self.tracker = BitmapTracker(options.destination, options.aliases,
+                                     mapping=options.mapping, dialect=options.dialect)
         self.findings: list[Finding] = []
         self.section_bytes: Counter[str] = Counter()
         self.record_counts: Counter[str] = Counter()

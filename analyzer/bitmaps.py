@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from analyzer import findings
+from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record
 from dissectors import grammar as g
 
@@ -28,12 +30,30 @@ SECTOR = g.SECTOR_SIZE
 class DestinationContext:
     """What the destination already has (from its query-block / query-named-block-nodes).
 
-    `bitmaps` maps (node, bitmap name) to granularity; `nodes` lists every name a
-    lookup by device or node name would find.
+    `nodes` holds node names, `devices` maps a BlockBackend (device) name to the node
+    name of its root, `bitmaps` maps (node name, bitmap name) to granularity and
+    `sizes` a node name to its virtual size in bytes, when known.
     """
 
     nodes: set[str] = field(default_factory=set)
     bitmaps: dict[tuple[str, str], int] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def resolve(self, name: str, *, node_only: bool = False) -> str | None:
+        """The node a DEVICE_NAME finds, as bdrv_lookup_bs(name, name) does: a device
+        (BlockBackend) name first, then a node name. With block-bitmap-mapping QEMU
+        looks up node names only."""
+        if not node_only and name in self.devices:
+            return self.devices[name]
+        return name if name in self.nodes else None
+
+
+class Dialect(StrEnum):
+    """Which loader the destination runs: QEMU as merged (2.12+) or the 2017 draft."""
+
+    QEMU = "qemu"
+    DRAFT_2017 = "2017"
 
 
 @dataclass
@@ -52,6 +72,8 @@ class BitmapState:
     unusable: str | None = None  # why no hash can be trusted
     real_node: str | None = None
     real_name: str | None = None
+    disk_end: int | None = None  # sectors, once known
+    disk_end_source: str = ""
 
     @property
     def end_sector(self) -> int:
@@ -136,10 +158,19 @@ class BitmapTracker:
     """Consumes decoder events; keeps one BitmapState per (node, bitmap) on the wire."""
 
     def __init__(self, destination: DestinationContext | None = None,
-                 aliases: dict[tuple[str, str], tuple[str, str]] | None = None) -> None:
+                 aliases: dict[tuple[str, str], tuple[str, str]] | None = None,
+                 *, mapping: BitmapMapping | None = None,
+                 dialect: Dialect = Dialect.QEMU) -> None:
         self.bitmaps: dict[tuple[str, str], BitmapState] = {}
         self.destination = destination
-        self.aliases = aliases or {}
+        self.mapping = mapping
+        self.dialect = Dialect(dialect)
+        self.aliases = dict(aliases or {})
+        if mapping is not None:
+            self.aliases.update(mapping.aliases())
+        # QEMU reports each of these once and then ignores the bitmap stream, so a
+        # name that is wrong in every record is reported where it first appears.
+        self._reported: set[tuple[str, str, str]] = set()
 
     def consume(self, event: Event) -> list[Finding]:
         if isinstance(event, Finding):
@@ -154,18 +185,30 @@ class BitmapTracker:
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
             return []
         kind = event.kind
-        if not kind.startswith("bitmap-") or kind in ("bitmap-eos", "bitmap-empty"):
+        if not kind.startswith("bitmap-"):
             return []
+        flags = event.fields.get("flags", 0)
+        # dirty_bitmap_load_header(): only a record whose flags are EOS alone (or
+        # nothing at all) may come before any device and bitmap name.
+        nothing = flags == flags & g.BitmapFlag.EOS
         found: list[Finding] = []
+        if "device_name" in event.fields:
+            found += self._check_node(event)
+        if "bitmap_name" in event.fields and event.node is not None:
+            found += self._check_bitmap_alias(event)
+        if nothing:
+            return found
         if event.node is None:
-            found.append(self._finding(
-                "no-device-name", event,
-                f"{kind} record before any record named a device (no DEVICE_NAME yet)"))
+            found += self._once("no-device-name", "", event,
+                                f"{kind} record (flags {flags:#04x}) before any record named "
+                                "a device; QEMU: 'Error: block device name is not set'")
             return found
         if event.bitmap is None:
-            found.append(self._finding(
-                "no-bitmap-name", event,
-                f"{kind} record before any record named a bitmap (no BITMAP_NAME yet)"))
+            found += self._once("no-bitmap-name", event.node, event,
+                                f"{kind} record (flags {flags:#04x}) before any record named "
+                                "a bitmap; QEMU: 'Error: block device name is not set' (sic)")
+            return found
+        if kind in ("bitmap-eos", "bitmap-empty"):
             return found
         key = (event.node, event.bitmap)
         if kind == "bitmap-start":
@@ -196,6 +239,13 @@ class BitmapTracker:
         return findings.make(code, message, record.offset, section=record.section,
                              node=record.node, bitmap=record.bitmap, length=record.length)
 
+    def _once(self, code: str, subject: str, record: Record, message: str) -> list[Finding]:
+        key = (code, subject, record.bitmap or "" if code == "unknown-bitmap" else "")
+        if key in self._reported:
+            return []
+        self._reported.add(key)
+        return [self._finding(code, record, message)]
+
     def _damage(self, why: str) -> None:
         for state in self.bitmaps.values():
             if state.started_at is not None and state.completed_at is None and not state.unusable:
@@ -211,34 +261,100 @@ class BitmapTracker:
             self.bitmaps[key] = state
         return state
 
+    def _real_node(self, wire_node: str) -> str | None:
+        """The destination node a wire DEVICE_NAME selects (None: not known)."""
+        if self.mapping is not None:
+            node = self.mapping.node(wire_node)
+            if node is None:
+                return None
+            wire_node = node.node_name
+        if self.destination is None:
+            return wire_node
+        return self.destination.resolve(wire_node, node_only=self.mapping is not None)
+
     def _destination_has(self, key: tuple[str, str]) -> int | None:
+        """Granularity of the destination's existing bitmap for a wire (node, name)."""
         if self.destination is None:
             return None
-        real = self.aliases.get(key, key)
-        return self.destination.bitmaps.get(real)
+        node = self._real_node(key[0])
+        if node is None:
+            return None
+        name = self.aliases.get(key, key)[1]
+        return self.destination.bitmaps.get((node, name))
+
+    def _check_node(self, record: Record) -> list[Finding]:
+        name = record.fields["device_name"]
+        if self.mapping is not None:
+            node = self.mapping.node(name)
+            if node is None:
+                return self._once(
+                    "unknown-node", name, record,
+                    f"DEVICE_NAME '{name}' is not a node alias of the block-bitmap-mapping; "
+                    f"QEMU: \"Error: Unknown node alias '{name}'\"")
+            if self.destination is not None and self.destination.resolve(
+                    node.node_name, node_only=True) is None:
+                return self._once(
+                    "unknown-node", name, record,
+                    f"node alias '{name}' maps to node '{node.node_name}', which the "
+                    f"destination does not have; QEMU: \"Cannot find device='' nor "
+                    f"node-name='{node.node_name}'\"")
+            return []
+        if self.destination is not None and self.destination.resolve(name) is None:
+            return self._once(
+                "unknown-node", name, record,
+                f"DEVICE_NAME '{name}' is neither a device nor a node name on the "
+                f"destination; QEMU: \"Cannot find device='{name}' nor node-name='{name}'\"")
+        return []
+
+    def _check_bitmap_alias(self, record: Record) -> list[Finding]:
+        if self.mapping is None or record.node is None:
+            return []
+        node = self.mapping.node(record.node)
+        alias = record.fields["bitmap_name"]
+        if node is None or alias in node.bitmaps:
+            return []  # an unknown node was reported already; QEMU stops there
+        return self._once(
+            "unknown-bitmap", record.node, record,
+            f"BITMAP_NAME '{alias}' is not a bitmap alias of node alias '{record.node}'; "
+            f"QEMU: \"Error: Unknown bitmap alias '{alias}' on node '{node.node_name}' "
+            f"(alias '{record.node}')\"")
 
     def _start(self, key: tuple[str, str], record: Record) -> list[Finding]:
-        found = []
+        found: list[Finding] = []
         granularity = record.fields["granularity"]
         flags = record.fields["bitmap_flags"]
         label = f"{key[0]}/{key[1]}"
+        draft = self.dialect is Dialect.DRAFT_2017
         existing = self.bitmaps.get(key)
         if existing is not None and existing.started_at is not None:
-            found.append(self._finding(
-                "bitmap-exists", record,
-                f"second START for {label} (first at {existing.started_at:#x}); QEMU: "
-                f"\"Bitmap with the same name ('{key[1]}') already exists on destination\""))
+            if not draft:
+                found.append(self._finding(
+                    "bitmap-exists", record,
+                    f"second START for {label} (first at {existing.started_at:#x}); the "
+                    "first one created it, so QEMU: \"Bitmap with the same name "
+                    f"('{key[1]}') already exists on destination\""))
+            elif existing.granularity is not None and existing.granularity != granularity:
+                found.append(self._finding(
+                    "granularity-mismatch", record,
+                    f"second START for {label} with granularity {granularity}, the first "
+                    f"(at {existing.started_at:#x}) had {existing.granularity}"))
             return found
         dest_granularity = self._destination_has(key)
         if dest_granularity is not None:
-            found.append(self._finding(
-                "bitmap-exists", record,
-                f"the destination already has bitmap {label}; QEMU refuses the START"))
-            if dest_granularity != granularity:
+            if not draft:
+                found.append(self._finding(
+                    "bitmap-exists", record,
+                    f"the destination already has bitmap {label} (granularity "
+                    f"{dest_granularity}); QEMU: \"Bitmap with the same name ('{key[1]}') "
+                    "already exists on destination\""))
+            elif dest_granularity != granularity:
+                # The 2017 draft reused an existing bitmap when the granularities agree.
                 found.append(self._finding(
                     "granularity-mismatch", record,
-                    f"START granularity {granularity} for {label}, the destination's bitmap "
-                    f"has {dest_granularity}"))
+                    f"START granularity {granularity} for {label}, the destination's "
+                    f"bitmap has {dest_granularity}; the 2017 loader: \"Error: Migrated "
+                    f"bitmap granularity ({granularity}) doesn't match the destination "
+                    f"bitmap '{key[1]}' granularity ({dest_granularity})\""))
         state = self._state(key, record)
         state.started_at = record.offset
         state.bitmap_flags = flags
@@ -250,6 +366,13 @@ class BitmapTracker:
             state.unusable = f"invalid granularity {granularity}"
         else:
             state.granularity = granularity
+        if draft:
+            if flags not in (0, 1):
+                found.append(self._finding(
+                    "unknown-flags", record,
+                    f"START for {label} carries enabled byte {flags:#04x}; the 2017 format "
+                    "defines only 0 and 1 (the draft loader reads any non-zero as enabled)"))
+            return found
         if flags & g.BitmapStartFlag.RESERVED_MASK:
             found.append(self._finding(
                 "reserved-start-flags", record,
@@ -268,10 +391,12 @@ class BitmapTracker:
         state = self.bitmaps.get(key)
         if state is None or state.started_at is None:
             if self._destination_has(key) is None:
-                found.append(self._finding(
-                    "unknown-bitmap", record,
-                    f"BITS for {label}, which has no START in this stream; QEMU: "
-                    f"\"Error: unknown dirty bitmap '{key[1]}' for block device '{key[0]}'\""))
+                found += self._once(
+                    "unknown-bitmap", key[0], record,
+                    f"BITS for {label}, which has no START in this stream"
+                    + (" and does not exist on the destination" if self.destination else "")
+                    + f"; QEMU: \"Error: unknown dirty bitmap '{key[1]}' for block device "
+                    f"'{key[0]}'\"")
             return found
         if state.completed_at is not None:
             found.append(self._finding(
@@ -285,38 +410,51 @@ class BitmapTracker:
         granularity = state.granularity
         first_byte = first * SECTOR
         nr_bytes = count * SECTOR
-        if count == 0:
-            return found
-        first_granule = first_byte // granularity
-        last_granule = (first_byte + nr_bytes - 1) // granularity
-        first_word = first_granule // 64
-        word_count = last_granule // 64 - first_word + 1
-        needed = word_count * 8
-        if first_byte % (64 * granularity):
-            found.append(self._finding(
-                "bitmap-range-invalid", record,
-                f"BITS for {label} start at sector {first}, not on a 64-granule boundary "
-                f"({64 * granularity} bytes); QEMU's hbitmap asserts"))
-            state.unusable = "a chunk QEMU cannot deserialise"
-        if state.add_coverage(first, first + count):
-            found.append(self._finding(
-                "overlapping-chunks", record,
-                f"BITS for {label} sectors {first}..{first + count} overlap earlier chunks"))
+        needed = 0
+        first_word = word_count = 0
+        if count:
+            # hbitmap_serialization_size(): whole 64-bit words from the first granule's
+            # word to the last granule's word; nothing at all for an empty range.
+            first_granule = first_byte // granularity
+            last_granule = (first_byte + nr_bytes - 1) // granularity
+            first_word = first_granule // 64
+            word_count = last_granule // 64 - first_word + 1
+            needed = word_count * 8
+            if first_byte % (64 * granularity):
+                found.append(self._finding(
+                    "bitmap-range-invalid", record,
+                    f"BITS for {label} start at sector {first}, not on a 64-granule "
+                    f"boundary ({64 * granularity} bytes); QEMU's hbitmap asserts"))
+                state.unusable = "a chunk QEMU cannot deserialise"
+            found += self._check_disk_end(state, record, first, count, label)
+            if state.add_coverage(first, first + count):
+                found.append(self._finding(
+                    "overlapping-chunks", record,
+                    f"BITS for {label} sectors {first}..{first + count} overlap earlier "
+                    "chunks; QEMU overwrites the earlier bits"))
         if record.fields.get("zeroes"):
             state.zero_chunks += 1
             end = min((first_word + word_count) * 8, len(state.words))
-            if end > first_word * 8:
+            if word_count and end > first_word * 8:
                 state.words[first_word * 8 : end] = bytes(end - first_word * 8)
             return found
         size = record.fields["buffer_size"]
-        if needed > size or size > _align_up(needed, g.BITMAP_BUFFER_ALIGN):
+        if size > g.BITMAP_MAX_BUFFER_SIZE:
+            # The decoder reported buffer-too-large; QEMU fails there, before any check
+            # of the size against the granularity.
+            state.unusable = "a BITS buffer too large for QEMU"
+            return found
+        padded = _align_up(needed, g.BITMAP_BUFFER_ALIGN)
+        if needed > size or size > padded:
             found.append(self._finding(
                 "granularity-mismatch", record,
-                f"BITS buffer of {size} bytes for {label}: granularity {granularity} needs "
-                f"{needed} (up to {_align_up(needed, g.BITMAP_BUFFER_ALIGN)} padded); QEMU: "
-                "\"Migrated bitmap granularity doesn't match the destination bitmap "
-                f"'{key[1]}' granularity\""))
+                f"BITS buffer of {size} bytes for {label}: {count} sectors at granularity "
+                f"{granularity} need {needed} (at most {padded} padded); QEMU: \"Migrated "
+                f"bitmap granularity doesn't match the destination bitmap '{key[1]}' "
+                "granularity\""))
             state.unusable = "a BITS buffer that does not fit the granularity"
+            return found
+        if not count:
             return found
         buffer = record.fields.get("buffer")
         if buffer is None:
@@ -325,25 +463,50 @@ class BitmapTracker:
         end = (first_word + word_count) * 8
         if end > MAX_BITMAP_BYTES:
             state.unusable = f"bitmap larger than {MAX_BITMAP_BYTES} bytes"
-            found.append(self._finding(
-                "chunk-beyond-disk", record,
-                f"BITS for {label} reach sector {first + count}, a bitmap of {end} bytes; "
-                "not reconstructed"))
             return found
         if len(state.words) < end:
             state.words.extend(bytes(end - len(state.words)))
         state.words[first_word * 8 : end] = buffer[:needed]
         return found
 
+    def _check_disk_end(self, state: BitmapState, record: Record, first: int, count: int,
+                        label: str) -> list[Finding]:
+        """Where the disk ends: the destination's node size when known, else the end of
+        the one chunk the sender made shorter than CHUNK_SIZE * 8 granules (the last)."""
+        assert state.granularity is not None
+        end = first + count
+        full_chunk = g.BITMAP_GRANULES_PER_CHUNK * state.granularity // SECTOR
+        if state.disk_end is None:
+            node = self._real_node(state.node) if self.destination is not None else None
+            size = self.destination.sizes.get(node) if self.destination and node else None
+            if size is not None:
+                state.disk_end = -(-size // SECTOR)
+                state.disk_end_source = "the destination's disk size"
+            elif count < full_chunk:
+                state.disk_end = end
+                state.disk_end_source = f"the short last chunk at {record.offset:#x}"
+                if state.coverage and state.end_sector > end:
+                    return [self._finding(
+                        "chunk-beyond-disk", record,
+                        f"BITS for {label} end at sector {end}, the short chunk that ends "
+                        f"a disk, but earlier chunks reach sector {state.end_sector}")]
+        if state.disk_end is not None and end > state.disk_end:
+            return [self._finding(
+                "chunk-beyond-disk", record,
+                f"BITS for {label} sectors {first}..{end} reach past sector "
+                f"{state.disk_end}, the disk end given by {state.disk_end_source}")]
+        return []
+
     def _complete(self, key: tuple[str, str], record: Record) -> list[Finding]:
         label = f"{key[0]}/{key[1]}"
         state = self.bitmaps.get(key)
         if state is None or state.started_at is None:
             if self.destination is not None and self._destination_has(key) is None:
-                return [self._finding(
-                    "unknown-bitmap", record,
+                return self._once(
+                    "unknown-bitmap", key[0], record,
                     f"COMPLETE for {label}, which neither this stream nor the destination "
-                    "has")]
+                    f"has; QEMU: \"Error: unknown dirty bitmap '{key[1]}' for block device "
+                    f"'{key[0]}'\"")
             return [self._finding(
                 "complete-without-start", record,
                 f"COMPLETE for {label}, which has no START in this stream")]

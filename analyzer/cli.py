@@ -127,9 +127,30 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help="TCP port of the destination (default: find flows starting "
                              "with QEVM)")
+    parser.add_argument("--destination", metavar="FILE", default=None,
+                        help="the destination's query-block or query-named-block-nodes "
+                             "output (JSON): check nodes and existing bitmaps against it")
+    parser.add_argument("--bitmap-mapping", metavar="FILE", default=None,
+                        help="the destination's block-bitmap-mapping parameter (JSON)")
+    parser.add_argument("--dialect", choices=["qemu", "2017"], default="qemu",
+                        help="the loader to judge against: QEMU as merged (default) or "
+                             "the 2017 draft format")
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
+    from analyzer.bitmaps import Dialect
+    from analyzer.destination import DestinationError, load_destination
+    from analyzer.mapping import MappingError, load_mapping
+
+    # Subcommands without these options (live, proxy) judge against plain QEMU.
+    context = getattr(args, "destination", None)
+    mapping = getattr(args, "bitmap_mapping", None)
+    try:
+        extra.setdefault("destination", load_destination(context) if context else None)
+        extra.setdefault("mapping", load_mapping(mapping) if mapping else None)
+    except (DestinationError, MappingError) as error:
+        raise InputError(str(error)) from None
+    extra.setdefault("dialect", Dialect(getattr(args, "dialect", "qemu")))
     return AnalysisOptions(port=args.port, **extra)
 
 
