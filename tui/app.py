@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal
 from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
@@ -34,6 +34,7 @@ from tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, S
 from tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text
 
 QUEUE_BATCHES = 8
+FILTER_HINT = " Enter applies the filter (empty shows all); Esc returns to the list"
 # Keys that act on widgets of the main screen; hidden while another screen is on top.
 MAIN_SCREEN_ACTIONS = {"focus_filter", "focus_list", "follow"}
 _DONE = object()
@@ -263,10 +264,11 @@ class MigsharkApp(App[None]):
     #filter.-valid { background: $success 25%; }
     #filter-error { height: 1; color: $error; display: none; }
     #filter-error.-shown { display: block; }
+    #filter-error.-hint { color: $text-muted; }
     #columns { height: 1; background: $primary 30%; text-style: bold; }
     RecordList { height: 2fr; min-height: 4; }
     #detail { height: 1fr; min-height: 3; border-top: solid $primary 50%; }
-    #hex-pane { height: 1fr; min-height: 3; overflow-y: auto; border-top: solid $primary 50%; }
+    #hex-pane { height: 1fr; min-height: 3; border-top: solid $primary 50%; }
     """
     BINDINGS = [
         Binding("q", "quit", "Quit"),
@@ -338,8 +340,7 @@ class MigsharkApp(App[None]):
         yield RecordList(self.store, id="records")
         tree: Tree[tuple[int, int] | None] = Tree("No record selected", id="detail")
         yield tree
-        with Vertical(id="hex-pane"):
-            yield HexView(id="hex")
+        yield HexView(id="hex-pane")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -452,7 +453,7 @@ class MigsharkApp(App[None]):
         parts.append(f"{shown:,}/{total:,} records" if self.predicate else f"{total:,} records")
         parts.append(f"{findings} findings")
         if self.error:
-            parts.append("ERROR")
+            parts.append(f"ERROR: {self.error}")
         elif self.loading:
             parts.append("loading")
         if self.paused:
@@ -532,10 +533,26 @@ class MigsharkApp(App[None]):
             box.set_class(False, "-valid")
             message.update(f" invalid filter at {error.position + 1}: {error}")
             message.set_class(True, "-shown")
+            message.set_class(False, "-hint")
             return
         box.set_class(False, "-invalid")
         box.set_class(bool(event.value.strip()), "-valid")
-        message.set_class(False, "-shown")
+        self._filter_hint(box.has_focus)
+
+    def _filter_hint(self, show: bool) -> None:
+        message = self.main.query_one("#filter-error", Static)
+        message.update(FILTER_HINT)
+        message.set_class(show, "-shown", "-hint")
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        if getattr(event.widget, "id", None) == "filter" and not event.widget.has_class(
+                "-invalid"):
+            self._filter_hint(True)
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        if getattr(event.widget, "id", None) == "filter" and not event.widget.has_class(
+                "-invalid"):
+            self._filter_hint(False)
 
     @on(Input.Submitted, "#filter")
     def filter_submitted(self, event: Input.Submitted) -> None:

@@ -94,7 +94,8 @@ def tokenize(text: str) -> list[Token]:
         if kind == "string":
             tokens.append(Token("value", raw, pos, re.sub(r"\\(.)", r"\1", raw[1:-1])))
         elif kind == "number":
-            tokens.append(Token("value", raw, pos, int(raw, 0)))
+            base = 16 if raw[:2] in ("0x", "0X") else 10
+            tokens.append(Token("value", raw, pos, int(raw, base)))
         elif kind == "word":
             lowered = raw.lower()
             tokens.append(Token(lowered if lowered in _KEYWORDS else "word", raw, pos, raw))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections.abc import Sequence
 
@@ -231,11 +232,15 @@ class RecordList(ScrollView, can_focus=True):
         self._resize()
 
 
-class HexView(Widget):
-    """Offset, hex and ASCII of a record's bytes, highlighting one range."""
+class HexView(ScrollView):
+    """Offset, hex and ASCII of a record's bytes, highlighting one range.
+
+    A Line API widget like the record list: a 64 KiB RAM run is 4096 lines, and
+    only the visible ones are built.
+    """
 
     DEFAULT_CSS = """
-    HexView { height: auto; }
+    HexView { height: 1fr; overflow-x: hidden; }
     """
 
     def __init__(self, **kwargs: object) -> None:
@@ -248,40 +253,53 @@ class HexView(Widget):
     def show(self, data: bytes, base: int, note: str,
              highlight: tuple[int, int] | None = None) -> None:
         self.data, self.base, self.note, self.highlight = data, base, note, highlight
-        self.refresh(layout=True)
+        self._resize()
+        self.scroll_to(y=0, animate=False, immediate=True)
+        self.refresh()
 
     def set_highlight(self, highlight: tuple[int, int] | None) -> None:
         self.highlight = highlight
+        if highlight is not None:
+            line = 1 + (highlight[0] - self.base) // self._per_line()
+            top = self.scroll_offset.y
+            if not top <= line < top + max(1, self.size.height):
+                self.scroll_to(y=max(0, line - 1), animate=False)
         self.refresh()
 
     def _per_line(self) -> int:
-        return 16 if self.size.width >= 78 or self.size.width == 0 else 8
+        return 16 if self.size.width >= 76 or self.size.width == 0 else 8
 
-    def get_content_height(self, container: Size, viewport: Size, width: int) -> int:
-        per_line = 16 if width >= 78 else 8
-        return 1 + -(-len(self.data) // per_line)
+    def _resize(self) -> None:
+        lines = 1 + -(-len(self.data) // self._per_line())
+        self.virtual_size = Size(self.size.width, lines)
 
-    def render(self) -> Text:
-        text = Text(no_wrap=True, overflow="crop")
-        text.append(f"{len(self.data)} bytes at {self.base:#x} ({self.note})\n", style="dim")
+    def on_resize(self, event: events.Resize) -> None:
+        self._resize()
+
+    def render_line(self, y: int) -> Strip:
+        line = self.scroll_offset.y + y
+        width = self.size.width
+        if line == 0:
+            title = f"{len(self.data)} bytes at {self.base:#x} ({self.note})"
+            return Strip([Segment(title[:width].ljust(width), Style(dim=True))], width)
         per_line = self._per_line()
+        start = (line - 1) * per_line
+        if start >= len(self.data):
+            return Strip.blank(width)
+        chunk = self.data[start : start + per_line]
         lo, hi = self.highlight or (-1, -1)
-        mark = Style(bgcolor="#7fb2ff", color="#000000", bold=True)
-        for line_start in range(0, len(self.data), per_line):
-            chunk = self.data[line_start : line_start + per_line]
-            text.append(f"{self.base + line_start:08x}  ", style="dim")
-            for index, byte in enumerate(chunk):
-                absolute = self.base + line_start + index
-                text.append(f"{byte:02x}", style=mark if lo <= absolute < hi else "")
-                text.append(" ")
-            text.append("   " * (per_line - len(chunk)) + " ")
-            for index, byte in enumerate(chunk):
-                absolute = self.base + line_start + index
-                char = chr(byte) if 32 <= byte < 127 else "."
-                text.append(char, style=mark if lo <= absolute < hi else "")
-            text.append("\n")
-        text.rstrip()
-        return text
+        plain, mark = Style(), Style(bgcolor="#7fb2ff", color="#000000", bold=True)
+        segments = [Segment(f"{self.base + start:08x}  ", Style(dim=True))]
+        for index, byte in enumerate(chunk):
+            inside = lo <= self.base + start + index < hi
+            segments.append(Segment(f"{byte:02x}", mark if inside else plain))
+            segments.append(Segment(" "))
+        segments.append(Segment("   " * (per_line - len(chunk)) + " "))
+        for index, byte in enumerate(chunk):
+            inside = lo <= self.base + start + index < hi
+            segments.append(Segment(chr(byte) if 32 <= byte < 127 else ".",
+                                    mark if inside else plain))
+        return Strip(segments).crop_extend(0, width, None)
 
 
 MAP_GLYPHS = {"d": ("█", Style(color="#e05050")), "c": ("▪", Style(color="#50a050")),
@@ -323,11 +341,12 @@ class DiskMap(Widget):
             glyph, style = MAP_GLYPHS[key]
             text.append(glyph, style=style)
             text.append(f" {label} ")
-        for index, cell in enumerate(cells):
-            if index % width == 0:
-                text.append("\n")
-            glyph, style = MAP_GLYPHS[cell]
-            text.append(glyph, style=style)
+        for line_start in range(0, len(cells), width):
+            text.append("\n")
+            # One span per run of equal cells keeps a full map at a few hundred spans.
+            for run in re.finditer(r"d+|c+|m+", cells[line_start : line_start + width]):
+                glyph, style = MAP_GLYPHS[run.group()[0]]
+                text.append(glyph * len(run.group()), style=style)
         return text
 
 

@@ -1,0 +1,86 @@
+"""Snapshots of the TUI's main screens on a real QEMU capture (pytest-textual-snapshot).
+
+The capture is small (postcopy, one node, three bitmaps) so the screens are
+stable: nothing shown depends on the clock, the path or the run.
+Update with `pytest tests/test_tui_snapshots.py --snapshot-update` after a
+deliberate change, and look at the SVGs before committing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.pilot import Pilot
+from textual.widgets import Input
+
+from tests.conftest import CAPTURES, require
+from tui.app import MigsharkApp
+from tui.widgets import RecordList
+
+CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
+
+
+@pytest.fixture
+def app() -> MigsharkApp:
+    require(CAPTURE.exists(), f"{CAPTURE} is missing (make it with tests/realqemu)")
+    return MigsharkApp.for_path(Path(CAPTURE))
+
+
+def prepare(then: Callable[[MigsharkApp, Pilot[Any]], Any] | None = None):  # noqa: ANN201
+    async def run_before(pilot: Pilot[Any]) -> None:
+        app = pilot.app
+        assert isinstance(app, MigsharkApp)
+        await app.wait_loaded()
+        # A blinking cursor would make the picture depend on the moment it is taken.
+        for box in app.main.query(Input):
+            box.cursor_blink = False
+        await pilot.pause()
+        if then is not None:
+            result = then(app, pilot)
+            if result is not None:
+                await result
+        await pilot.pause()
+    return run_before
+
+
+async def select_first_bits(app: MigsharkApp, pilot: Pilot[Any]) -> None:
+    row = next(i for i, r in enumerate(app.store.records) if r.kind == "bitmap-bits")
+    app.main.query_one(RecordList).select_row(row)
+
+
+def test_main_screen(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(100, 30), run_before=prepare(select_first_bits))
+
+
+def test_main_screen_80x24(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(80, 24), run_before=prepare())
+
+
+def test_bitmaps_screen(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(100, 30), press=["b", "down", "down"],
+                        run_before=prepare())
+
+
+def test_findings_screen(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(100, 30), press=["e"], run_before=prepare())
+
+
+def test_invalid_filter(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(100, 30),
+                        press=["slash", "k", "i", "n", "d", "space", "=", "="],
+                        run_before=prepare())
+
+
+def test_filtered_to_one_bitmap(snap_compare: Any, app: MigsharkApp) -> None:
+    def filter_one(app: MigsharkApp, pilot: Pilot[Any]) -> None:
+        app.set_filter('bitmap == "one-64k"')
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=prepare(filter_one))
+
+
+def test_help_screen(snap_compare: Any, app: MigsharkApp) -> None:
+    assert snap_compare(app, terminal_size=(100, 30), press=["question_mark"],
+                        run_before=prepare())
