@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     from analyzer.encoder import add_generate_command  # the encoder only loads here
 
     add_generate_command(sub)
+    from analyzer.replay import add_replay_command
+
+    add_replay_command(sub)
     return parser
 
 

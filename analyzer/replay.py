@@ -1,0 +1,161 @@
+"""`migshark replay`: send a generated or captured migration stream to a listening
+destination (`qemu-system-x86_64 -incoming tcp:HOST:PORT`).
+
+The source is a scenario (.toml, encoded with its faults plus --fault ones), a raw
+stream, or a capture (the first TCP flow that starts with QEVM). The stream is sent
+as it is, then the sending side is shut down and we wait for the destination to
+close the connection, which QEMU does once it has loaded (or refused) the stream.
+The return path is not opened: replayed streams are precopy as far as the
+destination is concerned, or postcopy without a source to answer page requests.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from analyzer.scenario import Fault, ScenarioError, load_scenario, parse_fault
+
+SEND_CHUNK = 1 << 16
+
+
+class ReplayError(Exception):
+    """The source cannot be read or the destination cannot be reached."""
+
+
+@dataclass
+class ReplayReport:
+    sent: int
+    total: int
+    closed_by_peer: bool
+    reset_by_peer: bool
+    seconds: float
+
+    def summary(self) -> str:
+        how = ("reset the connection" if self.reset_by_peer else
+               "closed the connection" if self.closed_by_peer else "did not close in time")
+        return (f"sent {self.sent} of {self.total} stream bytes in {self.seconds:.2f} s; "
+                f"the destination {how}")
+
+
+def load_stream(source: str | Path, faults: list[Fault] | None = None) -> bytes:
+    """The stream bytes of a scenario, raw stream or capture."""
+    from analyzer.encoder import encode
+
+    path = Path(source)
+    faults = faults or []
+    if path.suffix == ".toml":
+        scenario = load_scenario(path)
+        all_faults = list(scenario.faults) + faults
+        tcp = [str(f) for f in all_faults if f.tcp_level]
+        if tcp:
+            raise ScenarioError(f"TCP faults ({', '.join(tcp)}) only exist in captures")
+        return encode(scenario, all_faults).data
+    if faults:
+        raise ScenarioError("--fault applies to scenarios, not to captured streams")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise ReplayError(f"{path}: {error.strerror or error}") from None
+    if magic == b"QEVM":
+        return path.read_bytes()
+    return _captured_stream(path)
+
+
+def _captured_stream(path: Path) -> bytes:
+    from analyzer.capture import (
+        CaptureFormatError,
+        CaptureReader,
+        StreamData,
+        TcpReassembler,
+        parse_frame,
+    )
+
+    reassembler = TcpReassembler()
+    flows: dict[Any, bytearray] = {}
+
+    def take(events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, StreamData):
+                flows.setdefault(event.flow, bytearray()).extend(event.data)
+
+    try:
+        for frame in CaptureReader(str(path)):
+            segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
+            if segment is not None:
+                take(reassembler.feed(segment))
+    except (CaptureFormatError, OSError) as error:
+        raise ReplayError(f"{path}: {error}") from None
+    take(reassembler.finish())
+    for data in flows.values():
+        if data[:4] == b"QEVM":
+            return bytes(data)
+    raise ReplayError(f"{path}: no TCP flow starting with QEVM")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    kind, _, rest = text.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not host or not port.isdigit():
+        raise ReplayError(f"--to {text!r}: expected tcp:HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def send_stream(data: bytes, host: str, port: int, timeout: float = 30.0) -> ReplayReport:
+    started = time.monotonic()
+    sent = 0
+    closed = reset = False
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:
+        raise ReplayError(f"cannot connect to {host}:{port}: {error.strerror or error}"
+                          ) from None
+    with sock:
+        try:
+            view = memoryview(data)
+            while sent < len(data):
+                sent += sock.send(view[sent : sent + SEND_CHUNK])
+            sock.shutdown(socket.SHUT_WR)
+            # QEMU closes its end once the load finished or failed; anything it sends
+            # (nothing, without a return path) is drained.
+            while sock.recv(4096):
+                pass
+            closed = True
+        except ConnectionResetError:
+            reset = True
+        except BrokenPipeError:
+            closed = True
+        except TimeoutError:
+            pass
+    return ReplayReport(sent, len(data), closed, reset, time.monotonic() - started)
+
+
+def add_replay_command(sub: Any) -> None:
+    parser = sub.add_parser("replay", help="send a scenario or captured stream to a "
+                                           "listening QEMU (-incoming tcp:HOST:PORT)")
+    parser.add_argument("source", help="scenario .toml, raw stream, pcap or pcapng")
+    parser.add_argument("--to", required=True, metavar="tcp:HOST:PORT",
+                        help="the destination's -incoming address")
+    parser.add_argument("--fault", action="append", default=[], metavar="NAME",
+                        help="add a stream fault to a scenario (docs/faults.md)")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the destination (default 30)")
+    parser.set_defaults(handler=cmd_replay)
+
+
+def cmd_replay(args: Any) -> int:
+    import sys
+
+    try:
+        host, port = parse_address(args.to)
+        data = load_stream(args.source, [parse_fault(f) for f in args.fault])
+        report = send_stream(data, host, port, args.timeout)
+    except (ReplayError, ScenarioError) as error:
+        print(f"migshark replay: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.sent == report.total else 1
