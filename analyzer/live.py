@@ -49,6 +49,7 @@ ARPHRD_NONE = 0xFFFE
 ARPHRD_IPGRE = 778
 _RAW_IP_HATYPES = {ARPHRD_NONE, ARPHRD_IPGRE, 776}  # tun, gre, sit: no link header
 STATS_INTERVAL = 0.5
+DRAIN_BATCH = 1024
 
 
 class PcapngWriter:
@@ -289,6 +290,7 @@ class LiveCapture:
         writer = self.writer
         skip_outgoing = self.loopback
         last_stats = time.monotonic()
+        ins.setblocking(False)
         try:
             while not self.stop:
                 ready, _, _ = select.select([ins], [], [], STATS_INTERVAL)
@@ -298,16 +300,24 @@ class LiveCapture:
                     self._poll_drops()
                 if not ready:
                     continue
-                frame, sa_ll, timestamp = recv(ins, SNAPLEN)
-                if not frame or (skip_outgoing and sa_ll[2] == PACKET_OUTGOING):
-                    continue
-                if timestamp is None:
-                    timestamp = time.time()
-                if writer is not None:
-                    writer.write(timestamp, frame)
-                parsed = parse_frame(linktype, frame, timestamp)
-                if parsed is not None:
-                    segment(parsed)
+                # drain what is queued without a select per frame; bounded so that the
+                # drop statistics are still read during a long burst
+                for _ in range(DRAIN_BATCH):
+                    try:
+                        frame, sa_ll, timestamp = recv(ins, SNAPLEN)
+                    except BlockingIOError:
+                        break
+                    if not frame or (skip_outgoing and sa_ll[2] == PACKET_OUTGOING):
+                        continue
+                    if timestamp is None:
+                        timestamp = time.time()
+                    if writer is not None:
+                        writer.write(timestamp, frame)
+                    parsed = parse_frame(linktype, frame, timestamp)
+                    if parsed is not None:
+                        segment(parsed)
+                        if self.stop:
+                            break
         except KeyboardInterrupt:
             pass
         finally:
