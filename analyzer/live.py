@@ -240,6 +240,35 @@ class LiveCapture:
 
     # --- the loop -----------------------------------------------------------
 
+    def _drain(self, limit: int) -> int:
+        """Read and decode up to `limit` queued frames without blocking; how many were read.
+
+        One select per batch instead of per frame; the bound lets the caller read the
+        drop statistics during a long burst."""
+        ins = self.sock.ins
+        recv = self.sock._recv_raw  # scapy's recvmsg with timestamps and VLAN aux data
+        segment = self.demux.segment
+        linktype = self.linktype
+        writer = self.writer
+        skip_outgoing = self.loopback
+        for count in range(limit):
+            try:
+                frame, sa_ll, timestamp = recv(ins, SNAPLEN)
+            except BlockingIOError:
+                return count
+            if not frame or (skip_outgoing and sa_ll[2] == PACKET_OUTGOING):
+                continue
+            if timestamp is None:
+                timestamp = time.time()
+            if writer is not None:
+                writer.write(timestamp, frame)
+            parsed = parse_frame(linktype, frame, timestamp)
+            if parsed is not None:
+                segment(parsed)
+                if self.stop:
+                    return count + 1
+        return limit
+
     def open(self) -> str | None:
         """Open the capture socket; an error message when that is impossible."""
         import scapy.arch  # noqa: F401 - fills conf.L2listen for this platform
@@ -284,11 +313,6 @@ class LiveCapture:
 
     def run(self) -> int:
         ins = self.sock.ins
-        recv = self.sock._recv_raw  # scapy's recvmsg with timestamps and VLAN aux data
-        segment = self.demux.segment
-        linktype = self.linktype
-        writer = self.writer
-        skip_outgoing = self.loopback
         last_stats = time.monotonic()
         ins.setblocking(False)
         try:
@@ -298,36 +322,22 @@ class LiveCapture:
                 if now - last_stats >= STATS_INTERVAL:
                     last_stats = now
                     self._poll_drops()
-                if not ready:
-                    continue
-                # drain what is queued without a select per frame; bounded so that the
-                # drop statistics are still read during a long burst
-                for _ in range(DRAIN_BATCH):
-                    try:
-                        frame, sa_ll, timestamp = recv(ins, SNAPLEN)
-                    except BlockingIOError:
-                        break
-                    if not frame or (skip_outgoing and sa_ll[2] == PACKET_OUTGOING):
-                        continue
-                    if timestamp is None:
-                        timestamp = time.time()
-                    if writer is not None:
-                        writer.write(timestamp, frame)
-                    parsed = parse_frame(linktype, frame, timestamp)
-                    if parsed is not None:
-                        segment(parsed)
-                        if self.stop:
-                            break
+                if ready:
+                    self._drain(DRAIN_BATCH)
         except KeyboardInterrupt:
-            pass
+            # what the kernel already captured before Ctrl-C belongs to the report
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while not self.stop and self._drain(DRAIN_BATCH) == DRAIN_BATCH:
+                pass
         finally:
             self._poll_drops()
             if not self.stop:
                 # interrupted: report what was still in flight, marked incomplete
                 self.demux.finish()
             self.sock.close()
-            if writer is not None:
-                writer.close()
+            if self.writer is not None:
+                self.writer.close()
         return EXIT_ERRORS if self.worst == Severity.ERROR else EXIT_OK
 
 

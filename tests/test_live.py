@@ -127,10 +127,10 @@ def test_live_bad_interface_is_a_one_line_error(capsys: pytest.CaptureFixture[st
     assert "no-such-if0" in err and "Traceback" not in err
 
 
-def _start_live(port: int, pcapng: Path) -> subprocess.Popen[bytes]:
+def _start_live(port: int, pcapng: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "analyzer.cli", "live", "-i", "lo", "--port", str(port),
-         "--once", "--json", "-w", str(pcapng)],
+         "--json", "-w", str(pcapng), *extra],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     seen = b""
@@ -153,7 +153,7 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
     pcapng = tmp_path / "live.pcapng"
 
     def via(dest_uri: str) -> str:
-        procs.append(_start_live(int(dest_uri.rsplit(":", 1)[1]), pcapng))
+        procs.append(_start_live(int(dest_uri.rsplit(":", 1)[1]), pcapng, "--once"))
         return dest_uri
 
     try:
@@ -234,3 +234,38 @@ def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPat
     assert "configuration" in text and "pc-i440fx-7.2" in text
     assert "Migration stream" in text  # the per-migration summary at FIN
     assert capture.stop is True
+
+
+def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
+    """Bytes sniffed on lo from a connection that is still open when Ctrl-C comes."""
+    require_root()
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    proc = _start_live(port, tmp_path / "partial.pcapng")
+    try:
+        client = socket.create_connection(("127.0.0.1", port))
+        peer, _ = server.accept()
+        partial = precopy_stream()[:700]  # the bitmaps started, nothing sent for them
+        client.sendall(partial)
+        received = b""
+        while len(received) < len(partial):
+            received += peer.recv(65536)
+        # the frames are on lo once the peer has them; SIGINT is Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        client.close()
+        peer.close()
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert b"Traceback" not in err, err.decode()
+    report = json.loads(out.decode().splitlines()[0])
+    migration = report["migrations"][0]
+    assert migration["complete"] is False
+    assert migration["stream_bytes"] == len(partial)
+    assert {b["name"] for b in report["bitmaps"]} == {"inc0", "inc1"}
+    assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
