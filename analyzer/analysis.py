@@ -264,9 +264,10 @@ def _analyze_capture(path: str, kind: str, options: AnalysisOptions, sink: Event
             f"the capture file ends inside a record at file offset {reader.truncated_at}: "
             f"{reader.truncated_reason}", 0))
     reader.close()
-    if not demux.streams and not input_findings:
+    if not demux.streams:
         where = f"on port {options.port}" if options.port else "starting with QEVM"
-        raise InputError(f"{path}: no migration stream found (no TCP flow {where})")
+        cut = f"; {input_findings[0].message}" if input_findings else ""
+        raise InputError(f"{path}: no migration stream found (no TCP flow {where}){cut}")
     return AnalysisResult(path, kind, demux.streams, input_findings)
 
 
