@@ -159,3 +159,21 @@ def test_proxy_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mo
     assert report["return_path"]["messages"] == {"PONG": 1, "SHUT": 1}
     assert report["return_path"]["shut_code"] == 0
     assert not [f for f in report["findings"] if f["section"] == "return-path"]
+
+
+@pytest.mark.qemu
+def test_proxy_forwards_multifd_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    """multifd opens extra connections to the same address; each is forwarded, and the
+    main stream still yields QEMU's bitmaps."""
+    require_tools(*QEMU_TOOLS)
+    from tests.realqemu import harness
+
+    def caps_with_multifd(qmp: harness.QMPClient) -> None:
+        qmp.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": name, "state": True}
+            for name in ("dirty-bitmaps", "events", "multifd")])
+
+    monkeypatch.setattr(harness, "_set_caps", caps_with_multifd)
+    # the migration only completes if every channel reached the destination
+    _migrate_through_proxy(tmp_path, None, "precopy")
