@@ -259,8 +259,15 @@ def _format_migration(summary: dict[str, Any]) -> list[str]:
     out.append(f"  stream       : {summary['stream_bytes']:,} bytes, {ended}, "
                f"{summary['ram_iterations']} RAM iteration(s)")
     out.append("  sections     :")
-    for name, size in sorted(summary["sections"].items(), key=lambda item: -item[1]):
-        out.append(f"    {name:<28} {size:>14,} bytes")
+    # Device sections are many and small; list them as one line (JSON keeps each).
+    main_sections = ("ram", "dirty-bitmap", "(framing)")
+    devices = {k: v for k, v in summary["sections"].items() if k not in main_sections}
+    for name in main_sections:
+        if name in summary["sections"]:
+            out.append(f"    {name:<28} {summary['sections'][name]:>14,} bytes")
+    if devices:
+        label = f"device state ({len(devices)} sections)"
+        out.append(f"    {label:<28} {sum(devices.values()):>14,} bytes")
     out.append(f"  bitmaps ({len(summary['bitmaps'])}):")
     if summary["bitmaps"]:
         out.append(f"    {'node/name':<28} {'granularity':>11} {'flags':<6} {'disk size':>14} "
