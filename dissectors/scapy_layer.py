@@ -199,15 +199,9 @@ def effective_flags(pkt: Packet) -> int:
 
 
 def record_kind(pkt: Packet) -> str:
-    """START wins over COMPLETE over BITS, as in dirty_bitmap_load()."""
-    flags = effective_flags(pkt)
-    if flags & g.BitmapFlag.START:
-        return "start"
-    if flags & g.BitmapFlag.COMPLETE:
-        return "complete"
-    if flags & g.BitmapFlag.BITS:
-        return "bits"
-    return "eos" if flags & g.BitmapFlag.EOS else "empty"
+    """"start", "complete", "bits", "eos" or "empty": the grammar's rule (START wins over
+    COMPLETE over BITS, as in dirty_bitmap_load())."""
+    return g.record_kind(effective_flags(pkt)).label
 
 
 def _has(flag: int) -> Any:
