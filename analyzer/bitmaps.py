@@ -9,6 +9,7 @@ words.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,11 +20,92 @@ from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record
 from dissectors import grammar as g
 
-# A dense copy of one bitmap's words; 64 MiB holds a 256 GiB disk at 512-byte
-# granularity or 32 TiB at 64 KiB. Larger claims are reported, not allocated.
+# The largest bitmap reconstructed and hashed: 64 MiB of words holds a 256 GiB disk
+# at 512-byte granularity or 32 TiB at 64 KiB. Larger claims are reported, not hashed.
 MAX_BITMAP_BYTES = 64 << 20
 
 SECTOR = g.SECTOR_SIZE
+
+
+class PagedWords:
+    """A bitmap's serialised words, stored in small pages only where BITS data landed.
+
+    Memory follows the buffer bytes actually received, never the offsets a stream
+    claims: a hostile BITS record for the far end of a huge disk costs one page.
+    Reads (slices) see zeroes wherever nothing was written, like a bytearray that
+    was zero-extended.
+    """
+
+    PAGE = 512
+
+    def __init__(self) -> None:
+        self._pages: dict[int, bytearray] = {}
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bool__(self) -> bool:
+        return self._length > 0
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        page_size = self.PAGE
+        pos = 0
+        while pos < len(data):
+            index, within = divmod(offset + pos, page_size)
+            take = min(page_size - within, len(data) - pos)
+            page = self._pages.get(index)
+            if page is None:
+                if not any(data[pos : pos + take]):
+                    pos += take
+                    continue  # zeroes over nothing: nothing to store
+                page = self._pages[index] = bytearray(page_size)
+            page[within : within + take] = data[pos : pos + take]
+            pos += take
+        self._length = max(self._length, offset + len(data))
+
+    def zero(self, start: int, end: int) -> None:
+        """Clear [start, end) where pages exist; the length does not grow."""
+        end = min(end, self._length)
+        page_size = self.PAGE
+        pos = start
+        while pos < end:
+            index, within = divmod(pos, page_size)
+            take = min(page_size - within, end - pos)
+            page = self._pages.get(index)
+            if page is not None:
+                page[within : within + take] = bytes(take)
+            pos += take
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, step = key.indices(self._length)
+        if step != 1 or stop <= start:
+            return bytes(max(0, stop - start)) if step == 1 else b""
+        return b"".join(self.iter_bytes(start, stop))
+
+    def iter_bytes(self, start: int, stop: int):  # noqa: ANN201 - Iterator[bytes]
+        """[start, stop) as consecutive pieces, zero-filled beyond what was written."""
+        page_size = self.PAGE
+        zeroes = bytes(page_size)
+        pos = start
+        while pos < stop:
+            index, within = divmod(pos, page_size)
+            take = min(page_size - within, stop - pos)
+            page = self._pages.get(index)
+            if page is None:
+                yield zeroes[:take] if take < page_size else zeroes
+            else:
+                yield bytes(page[within : within + take])
+            pos += take
+
+    def bit_count(self, stop: int) -> int:
+        count = 0
+        for index, page in self._pages.items():
+            base = index * self.PAGE
+            if base >= stop:
+                continue
+            count += int.from_bytes(page[: stop - base], "little").bit_count()
+        return count
 
 
 @dataclass
@@ -65,7 +147,7 @@ class BitmapState:
     bitmap_flags: int | None = None
     started_at: int | None = None
     completed_at: int | None = None
-    words: bytearray = field(default_factory=bytearray)
+    words: PagedWords = field(default_factory=PagedWords)
     coverage: list[list[int]] = field(default_factory=list)  # merged [start, end) sectors
     chunks: int = 0
     zero_chunks: int = 0
@@ -83,24 +165,22 @@ class BitmapState:
         return len(self.coverage) == 1 and self.coverage[0][0] == 0
 
     def add_coverage(self, start: int, end: int) -> bool:
-        """Merge [start, end); returns True when it overlapped what was there."""
+        """Merge [start, end); returns True when it overlapped what was there.
+
+        Binary search keeps a hostile stream of many scattered chunks from turning
+        this into quadratic work."""
+        coverage = self.coverage
+        # The first span that could touch [start, end): its end is >= start.
+        lo_index = bisect.bisect_left(coverage, start, key=lambda span: span[1])
+        hi_index = lo_index
         overlapped = False
-        merged: list[list[int]] = []
-        placed = False
-        for lo, hi in self.coverage:
-            if hi < start or lo > end:
-                if lo > end and not placed:
-                    merged.append([start, end])
-                    placed = True
-                merged.append([lo, hi])
-                continue
+        while hi_index < len(coverage) and coverage[hi_index][0] <= end:
+            lo, hi = coverage[hi_index]
             if lo < end and start < hi:
                 overlapped = True
             start, end = min(lo, start), max(hi, end)
-        if not placed:
-            merged.append([start, end])
-        merged.sort()
-        self.coverage = merged
+            hi_index += 1
+        coverage[lo_index:hi_index] = [[start, end]]
         return overlapped
 
     def granules(self) -> int:
@@ -108,10 +188,12 @@ class BitmapState:
         disk = self.end_sector * SECTOR
         return -(-disk // self.granularity)
 
+    def serialized_size(self) -> int:
+        return -(-self.granules() // 64) * 8
+
     def serialized(self) -> bytes:
-        size = -(-self.granules() // 64) * 8
-        data = bytes(self.words[:size])
-        return data + bytes(size - len(data))
+        size = self.serialized_size()
+        return b"".join(self.words.iter_bytes(0, size))
 
     def result(self) -> dict[str, Any]:
         flags = self.bitmap_flags or 0
@@ -129,9 +211,15 @@ class BitmapState:
             elif not covered:
                 reason = "some sectors never arrived"
         if reason is None and self.granularity:
-            data = self.serialized()
-            sha = hashlib.sha256(data).hexdigest()
-            dirty = int.from_bytes(data, "little").bit_count() * self.granularity
+            size = self.serialized_size()
+            if size > MAX_BITMAP_BYTES:
+                reason = f"bitmap larger than {MAX_BITMAP_BYTES} bytes, not hashed"
+            else:
+                digest = hashlib.sha256()
+                for piece in self.words.iter_bytes(0, size):
+                    digest.update(piece)
+                sha = digest.hexdigest()
+                dirty = self.words.bit_count(size) * self.granularity
         return {
             "node": self.node,
             "name": self.name,
@@ -434,9 +522,8 @@ class BitmapTracker:
                     "chunks; QEMU overwrites the earlier bits"))
         if record.fields.get("zeroes"):
             state.zero_chunks += 1
-            end = min((first_word + word_count) * 8, len(state.words))
-            if word_count and end > first_word * 8:
-                state.words[first_word * 8 : end] = bytes(end - first_word * 8)
+            if word_count:
+                state.words.zero(first_word * 8, (first_word + word_count) * 8)
             return found
         size = record.fields["buffer_size"]
         if size > g.BITMAP_MAX_BUFFER_SIZE:
@@ -464,9 +551,7 @@ class BitmapTracker:
         if end > MAX_BITMAP_BYTES:
             state.unusable = f"bitmap larger than {MAX_BITMAP_BYTES} bytes"
             return found
-        if len(state.words) < end:
-            state.words.extend(bytes(end - len(state.words)))
-        state.words[first_word * 8 : end] = buffer[:needed]
+        state.words.write(first_word * 8, buffer[:needed])
         return found
 
     def _check_disk_end(self, state: BitmapState, record: Record, first: int, count: int,
