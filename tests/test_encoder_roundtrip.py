@@ -26,9 +26,10 @@ from tests.conftest import require
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "captures" / "real"
 EOS_ONLY = b"\x01"
-# Analysing a real capture costs seconds (tens of thousands of tiny items); these four
-# cover precopy, postcopy (two nodes, and one) and block-bitmap-mapping aliases.
-CAPTURES = ["precopy.pcap", "postcopy.pcap", "postcopy-1node.pcapng", "mapping.pcap"]
+# Every real capture: precopy, postcopy (two nodes, and one), block-bitmap-mapping
+# aliases, START flags (disabled, persistent) and the raw exec stream.
+CAPTURES = ["precopy.pcap", "postcopy.pcap", "postcopy-1node.pcapng", "mapping.pcap",
+            "flags.pcapng", "exec.bin"]
 
 
 def real_payloads(path: Path) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
