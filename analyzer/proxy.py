@@ -407,6 +407,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     print(f"migshark proxy: listening on {bound}, forwarding to {target}",
           file=sys.stderr, flush=True)
     options = AnalysisOptions(keep_buffers=False)
+    # A forwarding thread that wakes up waits for the analysis thread to give up the
+    # GIL; the default 5 ms switch interval would stall the migration that long.
+    sys.setswitchinterval(0.0002)
     connections: list[ProxiedConnection] = []
     worst: Severity | None = None
     try:
