@@ -27,10 +27,10 @@ from analyzer.capture import (
     StreamOpened,
     StreamReset,
     TcpReassembler,
-    parse_frame,
     sniff_format,
 )
 from analyzer.decoder import StreamDecoder
+from analyzer.fastpath import pump_capture
 from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record, Severity
 from dissectors.grammar import QEVM_MAGIC
@@ -250,10 +250,7 @@ def _analyze_capture(path: str, kind: str, options: AnalysisOptions, sink: Event
         raise InputError(f"{path}: {error.strerror or error}") from None
     demux = CaptureDemux(options, sink)
     try:
-        for frame in reader:
-            segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
-            if segment is not None:
-                demux.segment(segment)
+        pump_capture(reader, demux)
     except CaptureFormatError as error:
         input_findings.append(findings.make("capture-truncated", str(error), 0))
     finally:

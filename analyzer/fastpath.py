@@ -1,0 +1,164 @@
+"""The capture-to-decoder loop, with a fast lane for the frames that make up 99% of it.
+
+A migration capture is hundreds of thousands of frames that are all alike: the
+next in-order segment of the migration flow, or a pure ACK from the other side.
+The general path turns each into a Frame, a TcpSegment, a reassembly event and a
+feed call (~8 µs a frame). The lane recognises those two kinds straight from the
+pcap bytes (one struct call for the record header, one for Ethernet/IPv4/TCP) and:
+
+- an in-order data segment of a flow whose MigrationStream exists advances the
+  reassembler's state exactly as its own fast path would, and its payload goes to
+  the stream: frames of 16 KiB or more directly (zero-copy), small ones gathered
+  into one 64 KiB feed. A gathered feed carries the timestamp of its last frame,
+  like a loopback GSO frame carries one timestamp for 64 KiB;
+- an in-order pure ACK of the reverse direction is dropped, as the reassembler
+  would drop it.
+
+Anything else (handshake, FIN, RST, retransmission, hole, other flows, IP options,
+truncated records, pcapng, other link types) flushes what was gathered and goes
+through the general path, frame by frame, so events stay in capture order and the
+results are those of the general path (tests compare the two).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from analyzer.capture import CaptureReader, parse_frame
+from analyzer.capture.frames import LINKTYPE_ETHERNET
+from analyzer.capture.pcapfile import _RELEASE_STEP
+
+if TYPE_CHECKING:
+    from analyzer.analysis import CaptureDemux, MigrationStream
+    from analyzer.capture.tcp import _Dir
+
+_MASK = 0xFFFFFFFF
+_GATHER = 1 << 16  # bytes gathered from small segments before one feed
+_DIRECT = 1 << 14  # segments at least this big are fed without copying
+# Ethernet type + IPv4 version/IHL (b"\x08\x00\x45"), total length, fragment field,
+# protocol, addresses and ports as one lane key, seq, ack, data offset, flags.
+_HEADERS = struct.Struct("!12x3sxHxxHxB2x12sIIBB")
+_HEADERS_LEN = 14 + 20 + 14  # through the TCP flags byte
+_IPV4_NO_OPTIONS = b"\x08\x00\x45"
+
+
+def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
+    """Feed every frame of `reader` to `demux` (raises CaptureFormatError like iteration)."""
+    interfaces = reader.interfaces
+    if reader.format != "pcap" or interfaces[0].linktype != LINKTYPE_ETHERNET:
+        for frame in reader:
+            segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
+            if segment is not None:
+                demux.segment(segment)
+        return
+    _pump_ethernet_pcap(reader, demux)
+
+
+def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
+    view = reader._view
+    assert view is not None
+    size = len(view)
+    rec = struct.Struct(reader._pcap_order + "IIII").unpack_from
+    rec_len = reader._pcap_rec_len
+    divisor = reader.interfaces[0].ts_divisor
+    headers = _HEADERS.unpack_from
+    reassembler = demux.reassembler
+    # addresses + ports as on the wire -> (direction state, its stream or None: ACKs only)
+    lanes: dict[bytes, tuple[_Dir, MigrationStream | None]] = {}
+    gathered = bytearray()
+    gathered_for: MigrationStream | None = None
+    gathered_ts = 0.0
+    ts = 0.0
+    off = last = 24
+    release_at = _RELEASE_STEP
+    while off < size:
+        if off >= release_at:
+            release_at = reader._release_behind(off)
+        start = off + rec_len
+        if start > size:
+            reader._truncated(off, "incomplete record header")
+            break
+        sec, frac, caplen, _origlen = rec(view, off)
+        end = start + caplen
+        if end > size:
+            reader._truncated(off, f"record needs {caplen} bytes, {size - start} left")
+            break
+        last = off
+        off = end
+        if caplen >= _HEADERS_LEN:
+            head, total, frag, proto, key, seq, _ack, offres, flags = headers(view, start)
+            lane = lanes.get(key)
+            if (lane is not None and head == _IPV4_NO_OPTIONS and proto == 6
+                    and not frag & 0x1FFF and not flags & 7):
+                d, stream = lane
+                if seq == d.next_seq and not d.pending and not d.peer.pending:
+                    avail = caplen - 14
+                    frame_end = end if total == 0 or total > avail or avail > 0xFFFF \
+                        else start + 14 + total
+                    data_start = start + 34 + (offres >> 4) * 4
+                    if offres >> 4 >= 5 and data_start <= frame_end:
+                        n = frame_end - data_start
+                        if not n:
+                            continue
+                        if stream is not None:
+                            ts = sec + frac / divisor
+                            d.next_off += n
+                            d.next_seq = (seq + n) & _MASK
+                            if gathered and gathered_for is not stream:
+                                gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+                                gathered = bytearray()
+                            if n >= _DIRECT:
+                                if gathered:
+                                    stream.feed(gathered, gathered_ts)
+                                    gathered = bytearray()
+                                stream.feed(view[data_start:frame_end], ts)
+                            else:
+                                gathered += view[data_start:frame_end]
+                                gathered_for = stream
+                                gathered_ts = ts
+                                if len(gathered) >= _GATHER:
+                                    stream.feed(gathered, ts)
+                                    gathered = bytearray()
+                            continue
+        # The general path, in capture order: first deliver what was gathered.
+        ts = sec + frac / divisor
+        if gathered:
+            gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+            gathered = bytearray()
+        reassembler._last_ts = ts
+        segment = parse_frame(LINKTYPE_ETHERNET, view[start:end], ts)
+        if segment is None:
+            continue
+        demux.segment(segment)
+        _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
+                       view, start, caplen)
+    if gathered:
+        gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+    if off > 24:
+        # The last frames may have been ACKs the lane dropped without a clock.
+        sec, frac = rec(view, last)[:2]
+        reassembler._last_ts = max(reassembler._last_ts, sec + frac / divisor)
+
+
+def _refresh_lanes(lanes: dict[bytes, tuple[_Dir, MigrationStream | None]],
+                   demux: CaptureDemux, src: str, sport: int, dst: str, dport: int,
+                   view: memoryview, start: int, caplen: int) -> None:
+    """After the general path handled a frame, (re)open the lanes of its connection."""
+    if caplen < _HEADERS_LEN or view[start + 12 : start + 15] != _IPV4_NO_OPTIONS:
+        return
+    raw = bytes(view[start + 26 : start + 38])
+    reverse = raw[4:8] + raw[:4] + raw[10:12] + raw[8:10]
+    dirs = demux.reassembler._dirs
+    for key, key4 in ((raw, (src, sport, dst, dport)), (reverse, (dst, dport, src, sport))):
+        d = dirs.get(key4)
+        if d is None or d.done:
+            lanes.pop(key, None)
+            continue
+        stream = demux._by_flow.get(d.key)
+        if stream is not None and stream.closed:
+            lanes.pop(key, None)
+            continue
+        # Without a stream, only in-order pure ACKs take the lane (data goes the
+        # general way: the flow may still become a migration).
+        lanes[key] = (d, stream)
