@@ -698,18 +698,28 @@ def scenario_from_stream(migration: Any, ram_blocks: list[dict[str, Any]],
 
 
 def _extents(words: bytes, granularity: int, size: int) -> list[list[int]]:
-    """Runs of set bits as [offset, length] byte extents, clipped to the node."""
-    value = int.from_bytes(words, "little")
-    out = []
-    granule = 0
-    while value >> granule:
-        low = value >> granule
-        start = granule + (low & -low).bit_length() - 1
-        run = (~(value >> start) & -(~(value >> start))).bit_length() - 1
-        offset = start * granularity
-        out.append([offset, min(run * granularity, size - offset)])
-        granule = start + run
-    return out
+    """Runs of set bits as [offset, length] byte extents, clipped to the node.
+
+    Walks 64-bit words so that clean and fully dirty stretches cost one comparison
+    per word, whatever the bitmap's size."""
+    runs: list[list[int]] = []
+    start: int | None = None
+    full = (1 << 64) - 1
+    for index in range(len(words) // 8):
+        word = int.from_bytes(words[index * 8 : index * 8 + 8], "little")
+        if word == (full if start is not None else 0):
+            continue
+        for bit in range(64):
+            dirty = word >> bit & 1
+            if dirty and start is None:
+                start = index * 64 + bit
+            elif not dirty and start is not None:
+                runs.append([start, index * 64 + bit])
+                start = None
+    if start is not None:
+        runs.append([start, len(words) // 8 * 64])
+    return [[lo * granularity, min(hi * granularity, size) - lo * granularity]
+            for lo, hi in runs]
 
 
 class ScenarioExporter:

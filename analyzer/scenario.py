@@ -19,6 +19,7 @@ order; QEMU itself lists a node's bitmaps newest first.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ ALL_FAULTS = STREAM_FAULTS + TCP_FAULTS
 FAULTS_WITH_VALUE = ("truncate-at",)
 
 DEFAULT_MACHINE_TYPE = "pc-i440fx-7.2"
+# The encoder holds each bitmap densely (16 MiB of words at this bound): 64 GiB at
+# 512-byte granularity, 8 TiB at 64 KiB.
+MAX_GRANULES = 1 << 27
 DEFAULT_TIMESTAMP = 1_700_000_000.0
 
 
@@ -311,6 +315,9 @@ def validate(scenario: Scenario) -> None:
             if gran < g.MIN_GRANULARITY or gran > g.MAX_GRANULARITY or gran & (gran - 1):
                 raise ScenarioError(f"bitmap {node.name}/{bitmap.name}: granularity must be "
                                     "a power of two from 512 to 2^31")
+            if -(-node.size // gran) > MAX_GRANULES:
+                raise ScenarioError(f"bitmap {node.name}/{bitmap.name}: more than "
+                                    f"{MAX_GRANULES} granules; use a coarser granularity")
             if mapped and not bitmap.alias:
                 raise ScenarioError(f"bitmap {node.name}/{bitmap.name}: with "
                                     "block-bitmap-mapping every bitmap needs an alias")
@@ -327,6 +334,11 @@ def validate(scenario: Scenario) -> None:
                 raise ScenarioError(f"bitmap {node.name}/{bitmap.name}: density must be "
                                     "in 0..1")
     t = scenario.transport
+    for address in (t.src, t.dst):
+        try:
+            ipaddress.IPv4Address(address)
+        except ValueError:
+            raise ScenarioError(f"transport: {address!r} is not an IPv4 address") from None
     for port in (t.sport, t.dport):
         if not 0 < port < 65536:
             raise ScenarioError(f"transport: port {port} out of range")
