@@ -24,7 +24,7 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, Static, Tree
 
-from analyzer.analysis import AnalysisOptions, AnalysisResult, InputError
+from analyzer.analysis import AnalysisOptions, InputError
 from analyzer.capture import sniff_format
 from analyzer.cli import format_event_line
 from analyzer.records import Event, Finding, Severity
@@ -297,7 +297,7 @@ class MigsharkApp(App[None]):
         self.held: list[Batch] = []
         self.loading = source is not None
         self.loaded = threading.Event()
-        self.result: AnalysisResult | None = None
+        self.analysis: dict[str, Any] | None = None
         self.error: str | None = None
         self.progress = 0.0
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_BATCHES)
@@ -356,7 +356,7 @@ class MigsharkApp(App[None]):
     def decode(self) -> None:
         assert self.source is not None
         try:
-            self.result = self.source.run(self._deliver, self._stop)
+            self.analysis = self.source.run(self._deliver, self._stop)
         except Stopped:
             return
         except InputError as error:
@@ -639,12 +639,12 @@ class MigsharkApp(App[None]):
         return Path.cwd() / f"{name}{suffix}"
 
     def action_export_json(self) -> None:
-        if self.result is None:
+        if self.analysis is None:
             self.notify("the analysis is not finished yet", severity="warning")
             return
         path = self._export_path(".migshark.json")
         try:
-            path.write_text(json.dumps(self.result.as_json(), indent=2) + "\n")
+            path.write_text(json.dumps(self.analysis, indent=2) + "\n")
         except OSError as error:
             self.notify(f"cannot write {path}: {error.strerror}", severity="error")
             return

@@ -7,6 +7,7 @@ analyzer's live objects (MigrationStream, BitmapTracker) while decoding runs.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream, analyze_path
+from analyzer.analysis import AnalysisOptions, InputError, MigrationStream, analyze_path
 from analyzer.bitmaps import SECTOR, BitmapTracker
 from analyzer.records import Event, Finding, Record, Severity
 from tui.filter import Predicate, RowView
@@ -117,12 +118,13 @@ class EventSource(Protocol):
 
     `run` is called in a worker thread; it calls `deliver` with batches (which may
     block while the UI catches up) and returns when the source is exhausted or
-    `stop` is set. A live capture implements this with its CaptureDemux sink.
+    `stop` is set, with the analysis JSON (AnalysisResult.as_json()) if it has one.
+    A live capture implements this with a Batcher as its CaptureDemux sink.
     """
 
     name: str
 
-    def run(self, deliver: Deliver, stop: threading.Event) -> AnalysisResult | None: ...
+    def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None: ...
 
 
 class Stopped(Exception):
@@ -174,16 +176,29 @@ class Batcher:
 
 
 class FileSource:
-    """A capture or raw stream on disk, decoded with analyze_path."""
+    """A capture or raw stream on disk, decoded with analyze_path.
 
-    def __init__(self, path: str | os.PathLike[str], options: AnalysisOptions | None = None
-                 ) -> None:
+    By default the decoding runs in a child process: the analyzer is pure Python
+    and would otherwise compete with the UI for the GIL, which on a big capture
+    makes every key press wait. Batches come back pickled through a pipe, whose
+    buffer is the back-pressure.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], options: AnalysisOptions | None = None,
+                 *, in_process: bool = False) -> None:
         self.path = Path(path)
         self.name = self.path.name
         self.options = options or AnalysisOptions(keep_buffers=True)
         self.size = max(1, self.path.stat().st_size) if self.path.exists() else 1
+        self.in_process = in_process
 
-    def run(self, deliver: Deliver, stop: threading.Event) -> AnalysisResult | None:
+    def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
+        if self.in_process:
+            return self.decode(deliver, stop)
+        return self._run_child(deliver, stop)
+
+    def decode(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any]:
+        """Decode here, in the calling thread; returns the analysis JSON."""
         batcher: Batcher
 
         def progress() -> float:
@@ -198,7 +213,54 @@ class FileSource:
         for finding in result.input_findings:
             batcher.pending.append(("", finding))
         batcher.flush(final=True)
-        return result
+        return result.as_json()
+
+    def _run_child(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
+        context = multiprocessing.get_context("fork")
+        receiver, sender = context.Pipe(duplex=False)
+        child = context.Process(target=_decode_in_child, args=(self, sender), daemon=True,
+                                name=f"migshark-decode-{self.name}")
+        child.start()
+        sender.close()
+        try:
+            while True:
+                if stop.is_set():
+                    raise Stopped
+                if not receiver.poll(0.1):
+                    if not child.is_alive() and not receiver.poll(0):
+                        raise RuntimeError(f"the decoder process ended with code {child.exitcode}")
+                    continue
+                try:
+                    kind, payload = receiver.recv()
+                except EOFError:
+                    raise RuntimeError("the decoder process ended without a result") from None
+                if kind == "batch":
+                    deliver(payload)
+                elif kind == "done":
+                    return payload  # type: ignore[no-any-return]
+                elif kind == "input-error":
+                    raise InputError(payload)
+                else:
+                    raise RuntimeError(payload)
+        finally:
+            if child.is_alive():
+                child.terminate()
+            child.join(2)
+            receiver.close()
+
+
+def _decode_in_child(source: FileSource, sender: Any) -> None:
+    try:
+        result = source.decode(lambda batch: sender.send(("batch", batch)), threading.Event())
+        sender.send(("done", result))
+    except InputError as error:
+        sender.send(("input-error", str(error)))
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass  # the app went away
+    except Exception as error:  # noqa: BLE001 - reported to the UI, which shows it
+        sender.send(("error", f"decoding stopped: {type(error).__name__}: {error}"))
+    finally:
+        sender.close()
 
 
 # --- the UI thread's store -------------------------------------------------------
