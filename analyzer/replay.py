@@ -142,6 +142,9 @@ def add_replay_command(sub: Any) -> None:
                         help="the destination's -incoming address")
     parser.add_argument("--fault", action="append", default=[], metavar="NAME",
                         help="add a stream fault to a scenario (docs/faults.md)")
+    parser.add_argument("--splice", metavar="CAPTURE", default=None,
+                        help="send CAPTURE's stream with its dirty-bitmap section payloads "
+                             "replaced by the scenario's (RAM and devices stay real)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for the destination (default 30)")
     parser.set_defaults(handler=cmd_replay)
@@ -152,10 +155,101 @@ def cmd_replay(args: Any) -> int:
 
     try:
         host, port = parse_address(args.to)
-        data = load_stream(args.source, [parse_fault(f) for f in args.fault])
+        faults = [parse_fault(f) for f in args.fault]
+        if args.splice:
+            data = spliced_stream(args.source, args.splice, faults)
+        else:
+            data = load_stream(args.source, faults)
         report = send_stream(data, host, port, args.timeout)
     except (ReplayError, ScenarioError) as error:
         print(f"migshark replay: {error}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0 if report.sent == report.total else 1
+
+
+# --- splicing a generated dirty-bitmap section into a real stream --------------------
+
+_SECTION_KINDS = ("section-start", "section-part", "section-end")
+
+
+def _bitmap_payload_spans(kinds_and_spans: list[tuple[str, int, int]], data: bytes
+                          ) -> list[tuple[str, int, int]]:
+    return [(kind, lo, hi) for kind, lo, hi in kinds_and_spans if data[lo:hi] != b"\x01"]
+
+
+def _real_spans(stream: bytes) -> list[tuple[str, int, int]]:
+    from analyzer.decoder import StreamDecoder
+    from analyzer.records import Record
+    from dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
+
+    spans: list[tuple[str, int, int]] = []
+    pending: tuple[str, int] | None = None
+    decoder = StreamDecoder()
+    for event in decoder.feed(stream) + decoder.finish():
+        if not isinstance(event, Record):
+            continue
+        if event.kind in _SECTION_KINDS and event.section == DIRTY_BITMAP_SECTION_IDSTR:
+            pending = (event.kind, event.end)
+        elif event.kind == "footer" and pending is not None:
+            spans.append((pending[0], pending[1], event.offset))
+            pending = None
+    return spans
+
+
+def splice(real: bytes, generated: Any) -> bytes:
+    """`real` with its dirty-bitmap section payloads replaced by the generated ones.
+
+    The setup START payload takes the generated START payload, the END payload the
+    generated END payload, and the first PART that carried more than EOS (postcopy
+    BITS) the generated BITS PART; other such PARTs shrink to EOS. RAM, devices and
+    every header and footer stay QEMU's, so the destination gets a whole machine.
+    """
+    from dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
+
+    generated_spans: list[tuple[str, int, int]] = []
+    pending: tuple[str, int] | None = None
+    for mark in generated.marks:
+        if mark.kind in _SECTION_KINDS and mark.info.get("section_id") == _generated_id():
+            pending = (mark.kind, mark.end)
+        elif mark.kind == "footer" and pending is not None:
+            generated_spans.append((pending[0], pending[1], mark.offset))
+            pending = None
+    wanted = {kind: generated.data[lo:hi] for kind, lo, hi in
+              _bitmap_payload_spans(generated_spans, generated.data)}
+    real_spans = _bitmap_payload_spans(_real_spans(real), real)
+    kinds = [kind for kind, _, _ in real_spans]
+    if "section-start" not in kinds:
+        raise ReplayError(f"the capture has no {DIRTY_BITMAP_SECTION_IDSTR} section to "
+                          "splice into (was dirty-bitmaps on?)")
+    if ("section-part" in wanted) != ("section-part" in kinds):
+        raise ReplayError("the scenario's mode (precopy/postcopy) differs from the capture's")
+    out = bytearray()
+    position = 0
+    part_done = False
+    for kind, lo, hi in real_spans:
+        out += real[position:lo]
+        if kind == "section-part":
+            out += b"\x01" if part_done else wanted["section-part"]
+            part_done = True
+        else:
+            out += wanted.get(kind, b"\x01")
+        position = hi
+    out += real[position:]
+    return bytes(out)
+
+
+def spliced_stream(scenario_path: str | Path, capture: str | Path,
+                   faults: list[Fault] | None = None) -> bytes:
+    from analyzer.encoder import encode
+
+    scenario = load_scenario(scenario_path)
+    if Path(scenario_path).suffix != ".toml":
+        raise ScenarioError("--splice needs a scenario (.toml) as the source")
+    return splice(load_stream(capture), encode(scenario, list(scenario.faults) + (faults or [])))
+
+
+def _generated_id() -> int:
+    from analyzer.encoder import DIRTY_BITMAP_SECTION_ID
+
+    return DIRTY_BITMAP_SECTION_ID

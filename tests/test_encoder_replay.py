@@ -23,7 +23,7 @@ from analyzer.analysis import analyze_path
 from analyzer.encoder import encode
 from analyzer.replay import ReplayReport, send_stream
 from analyzer.scenario import load_scenario, parse_fault
-from tests.conftest import require_tools
+from tests.conftest import require, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "captures" / "scenarios" / "replay-pc.toml"
@@ -198,3 +198,23 @@ def test_cli_replay_sends_a_captured_stream_whole(tmp_path: Path) -> None:
         thread.join(timeout=20)
     assert len(received) == expected["stream_bytes"]
     assert bytes(received) == encode(load_scenario(SCENARIO)).data
+
+
+def test_spliced_into_a_real_capture_loads_with_the_expected_hashes(tmp_path: Path) -> None:
+    require_tools("qemu-system-x86_64", "qemu-img")
+    from analyzer.replay import spliced_stream
+
+    capture = ROOT / "captures" / "real" / "exec.bin"
+    require(capture.exists(), f"{capture} missing")
+    data = spliced_stream(SCENARIO, capture)
+    assert data[:4] == b"QEVM" and data != capture.read_bytes()
+    expected = {b["name"]: b["sha256"] for b in encode(load_scenario(SCENARIO)).expected[
+        "bitmaps"]}
+    path = tmp_path / "spliced.bin"
+    path.write_bytes(data)
+    analysed = analyze_path(path).as_json()
+    assert {b["name"]: b["sha256"] for b in analysed["bitmaps"]} == expected
+    assert [f for f in analysed["findings"] if f["severity"] == "error"] == []
+    outcome = run_destination(tmp_path, data)
+    assert outcome.status == "completed", outcome.log
+    assert outcome.hashes == expected
