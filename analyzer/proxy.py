@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import queue
+import signal
 import socket
 import stat
 import sys
@@ -37,6 +38,7 @@ from analyzer.returnpath import ReturnPathDecoder
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
 RECV_SIZE = 1 << 20
+ACCEPT_POLL = 0.05
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
 
 FORWARD, BACKWARD = "source->destination", "destination->source"
@@ -412,23 +414,35 @@ def run_proxy(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0002)
     connections: list[ProxiedConnection] = []
     worst: Severity | None = None
+    # Ctrl-C and SIGTERM only set a flag: an exception raised at an arbitrary point
+    # (say, between starting a connection's threads) could leave a connection that
+    # never reports. The accept loop notices the flag within ACCEPT_POLL.
+    interrupted = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        interrupted.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    server.settimeout(ACCEPT_POLL)
     try:
-        number = 0
-        while True:
-            client, _ = server.accept()
-            number += 1
-            connection = ProxiedConnection(number, client, target, options, output, str(bound))
+        while not interrupted.is_set():
+            # with --once, multifd channels that connect after the main one are still
+            # accepted until the migration stream itself ends
+            if args.once and connections and connections[0].done.is_set():
+                break
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            client.settimeout(None)
+            connection = ProxiedConnection(len(connections) + 1, client, target, options,
+                                           output, str(bound))
             connections.append(connection)
             connection.start()
-            if args.once:
-                # multifd channels connect after the main one: keep accepting until the
-                # migration stream itself ends
-                if _wait_first_migration(server, connection, connections, target, options,
-                                         output, str(bound)):
-                    break
-    except KeyboardInterrupt:
-        for connection in connections:
-            connection.stop()
+        if interrupted.is_set():
+            for connection in connections:
+                connection.stop()
     finally:
         server.close()
         if listen_at.kind == "unix":
@@ -443,24 +457,3 @@ def run_proxy(args: argparse.Namespace) -> int:
         if connection.error and connection.result is None:
             worst = Severity.ERROR
     return EXIT_ERRORS if worst == Severity.ERROR else EXIT_OK
-
-
-def _wait_first_migration(server: socket.socket, first: ProxiedConnection,
-                          connections: list[ProxiedConnection], target: Address,
-                          options: AnalysisOptions, output: Output, path: str) -> bool:
-    """With --once: accept extra channels until the first connection ends."""
-    server.settimeout(0.05)
-    try:
-        while not first.done.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            client.settimeout(None)
-            extra = ProxiedConnection(len(connections) + 1, client, target, options, output,
-                                      path)
-            connections.append(extra)
-            extra.start()
-    finally:
-        server.settimeout(None)
-    return True

@@ -6,6 +6,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from analyzer.returnpath import ReturnPathMessage, build_message
 from dissectors import grammar as g
 from tests.conftest import REPO_ROOT, require_tools
 from tests.realqemu.harness import PRESETS, run_migration
+from tests.synthetic import precopy_stream
 
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
@@ -177,3 +179,77 @@ def test_proxy_forwards_multifd_channels(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(harness, "_set_caps", caps_with_multifd)
     # the migration only completes if every channel reached the destination
     _migrate_through_proxy(tmp_path, None, "precopy")
+
+
+def _fake_destination() -> tuple[socket.socket, str]:
+    server = socket.create_server(("127.0.0.1", 0))
+    return server, f"tcp:127.0.0.1:{server.getsockname()[1]}"
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_proxy_forwards_byte_for_byte_and_passes_half_close_on() -> None:
+    server, dest = _fake_destination()
+    proc, bound = _start_proxy("tcp:127.0.0.1:0", dest)
+    stream = precopy_stream()
+    reply = build_message(ReturnPathMessage.PONG, b"\0\0\0\1") + build_message(
+        ReturnPathMessage.SHUT, b"\0\0\0\0")
+    try:
+        host, port = bound.removeprefix("tcp:").rsplit(":", 1)
+        client = socket.create_connection((host, int(port)), timeout=10)
+        peer, _ = server.accept()
+        peer.settimeout(10)
+        for i in range(0, len(stream), 777):  # odd chunks: the framing must not matter
+            client.sendall(stream[i : i + 777])
+        client.shutdown(socket.SHUT_WR)
+        got = _read_all(peer)  # ends only if the proxy passed the half-close on
+        peer.sendall(reply)
+        peer.close()
+        back = _read_all(client)
+        client.close()
+        out, err = proc.communicate(timeout=15)
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert got == stream
+    assert back == reply
+    assert proc.returncode == 0, err.decode()
+    report = json.loads(out.decode().splitlines()[0])
+    assert report["migrations"][0]["complete"] is True
+    assert {b["name"] for b in report["bitmaps"]} == {"inc0", "inc1"}
+    assert report["return_path"] == {"bytes": len(reply), "messages": {"PONG": 1, "SHUT": 1},
+                                     "shut_code": 0}
+
+
+def test_proxy_ctrl_c_reports_the_open_connection() -> None:
+    server, dest = _fake_destination()
+    proc, bound = _start_proxy("tcp:127.0.0.1:0", dest)
+    partial = precopy_stream()[:700]
+    try:
+        host, port = bound.removeprefix("tcp:").rsplit(":", 1)
+        client = socket.create_connection((host, int(port)), timeout=10)
+        peer, _ = server.accept()
+        client.sendall(partial)
+        received = b""
+        while len(received) < len(partial):
+            received += peer.recv(65536)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        client.close()
+        peer.close()
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+    assert b"Traceback" not in err, err.decode()
+    report = json.loads(out.decode().splitlines()[0])
+    assert report["migrations"][0]["complete"] is False
+    assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
