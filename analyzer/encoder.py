@@ -261,7 +261,6 @@ class Encoder:
         self.damaged: set[int] = set()  # indexes of plans the analyzer cannot rebuild
         self._fault_target = self._pick_fault_target()
         self._multibyte_bits_done = False
-        self._unknown_sent = False
 
     # -- public ----------------------------------------------------------------
 
@@ -303,10 +302,9 @@ class Encoder:
                 self._footer(DIRTY_BITMAP_SECTION_ID)
             self._devices()
             out.add(g.build_eof(), "eof")
-            if s.devices:
-                desc = {"page_size": PAGE_SIZE,
-                        "devices": [d.description() for d in FAKE_DEVICES]}
-                out.add(g.build_vmdescription(json.dumps(desc).encode()), "vmdescription")
+            devices = FAKE_DEVICES if s.devices else ()
+            desc = {"page_size": PAGE_SIZE, "devices": [d.description() for d in devices]}
+            out.add(g.build_vmdescription(json.dumps(desc).encode()), "vmdescription")
         else:
             self._postcopy_package()
             if self.plans:
@@ -465,7 +463,6 @@ class Encoder:
               buffer: bytes | None) -> None:
         flags = g.BitmapFlag.BITS
         width = 1
-        buffer_size = None
         expect: str | None = None
         if buffer is None:
             flags |= g.BitmapFlag.ZEROES
@@ -484,7 +481,7 @@ class Encoder:
         device, name = self.names.names(plan.node, plan.spec, plan.spec.wire_name)
         offset = self.out.add(g.bitmap_record(
             flags, device_name=device, bitmap_name=name, first_sector=first,
-            sector_count=count, buffer=buffer, flags_width=width, buffer_size=buffer_size),
+            sector_count=count, buffer=buffer, flags_width=width),
             "bitmap-bits", node=plan.node.wire_name, bitmap=plan.spec.wire_name)
         if width == 4:
             self._multibyte_bits_done = True
@@ -504,14 +501,22 @@ class Encoder:
 
     def _pick_fault_target(self) -> int | None:
         """The bitmap whose first non-zero chunk the buffer faults bend."""
+        needs_bitmap = {"reserved-start-flags", "multibyte-flags", "bits-unknown-bitmap"}
+        if needs_bitmap & set(self.faults) and not self.plans:
+            raise ScenarioError(f"faults {', '.join(sorted(needs_bitmap & set(self.faults)))} "
+                                "need at least one bitmap")
         wanted = {"wrong-granularity-start", "wrong-buffer-size", "oversized-buffer"}
-        if not wanted & set(self.faults):
+        chosen = wanted & set(self.faults)
+        if not chosen:
             return None
+        if len(chosen) > 1:
+            raise ScenarioError(f"faults {', '.join(sorted(chosen))} all bend the same chunk; "
+                                "choose one")
         for index, plan in enumerate(self.plans):
             if any(plan.words):
                 return index
-        raise ScenarioError(f"faults {', '.join(sorted(wanted & set(self.faults)))} need a "
-                            "bitmap with at least one dirty granule")
+        raise ScenarioError(f"fault {chosen.pop()} needs a bitmap with at least one dirty "
+                            "granule")
 
     def _wrong_granularity(self, plan: BitmapPlan) -> int:
         """A granularity for which the first non-zero chunk's buffer has the wrong

@@ -352,3 +352,21 @@ def test_bad_toml_is_a_scenario_error(tmp_path: Path) -> None:
     path.write_text("nodes = [[[")
     with pytest.raises(ScenarioError, match="TOML"):
         load_scenario(path)
+
+
+@pytest.mark.parametrize("faults, message", [
+    (["reserved-start-flags"], "need at least one bitmap"),
+    (["wrong-buffer-size"], "dirty granule"),
+])
+def test_faults_refuse_scenarios_they_cannot_bend(faults: list[str], message: str) -> None:
+    clean_only = scenario(nodes=[{"name": "d", "size": 4096, "bitmaps": [
+        {"name": "b", "granularity": 512}]}])
+    no_bitmaps = scenario(nodes=[])
+    target = no_bitmaps if faults == ["reserved-start-flags"] else clean_only
+    with pytest.raises(ScenarioError, match=message):
+        encode(target, [parse_fault(f) for f in faults])
+
+
+def test_two_faults_on_one_chunk_are_refused() -> None:
+    with pytest.raises(ScenarioError, match="choose one"):
+        encode(scenario(), [parse_fault("wrong-buffer-size"), parse_fault("oversized-buffer")])
