@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -171,6 +172,16 @@ class LiveCapture:
                                self._sink)
         self.demux.on_stream_end = self._stream_ended
         self.stop = False
+        # Ctrl-C and SIGTERM only set this, checked between batches: an exception
+        # raised in the middle of reassembly would leave its state half-updated.
+        self.interrupted = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum: int, frame: Any) -> None:
+            self.interrupted.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
 
     # --- output -------------------------------------------------------------
 
@@ -315,8 +326,9 @@ class LiveCapture:
         ins = self.sock.ins
         last_stats = time.monotonic()
         ins.setblocking(False)
+        interrupted = self.interrupted
         try:
-            while not self.stop:
+            while not self.stop and not interrupted.is_set():
                 ready, _, _ = select.select([ins], [], [], STATS_INTERVAL)
                 now = time.monotonic()
                 if now - last_stats >= STATS_INTERVAL:
@@ -324,12 +336,10 @@ class LiveCapture:
                     self._poll_drops()
                 if ready:
                     self._drain(DRAIN_BATCH)
-        except KeyboardInterrupt:
-            # what the kernel already captured before Ctrl-C belongs to the report
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            while not self.stop and self._drain(DRAIN_BATCH) == DRAIN_BATCH:
-                pass
+            if interrupted.is_set():
+                # what the kernel already captured before Ctrl-C belongs to the report
+                while not self.stop and self._drain(DRAIN_BATCH) == DRAIN_BATCH:
+                    pass
         finally:
             self._poll_drops()
             if not self.stop:
@@ -351,11 +361,7 @@ def run_live(args: argparse.Namespace) -> int:
     if error is not None:
         print(f"migshark live: {error}", file=sys.stderr)
         return EXIT_UNUSABLE
-
-    def interrupted(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupted)
+    capture.install_signal_handlers()
     print(f"migshark live: listening on {args.iface} (filter: {capture.bpf})",
           file=sys.stderr, flush=True)
     return capture.run()
