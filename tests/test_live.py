@@ -269,3 +269,31 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
     assert migration["stream_bytes"] == len(partial)
     assert {b["name"] for b in report["bitmaps"]} == {"inc0", "inc1"}
     assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
+
+
+def test_kernel_drops_become_findings_on_open_migrations() -> None:
+    import struct
+    from types import SimpleNamespace
+
+    from analyzer.live import PACKET_STATISTICS, SOL_PACKET, LiveCapture
+
+    class Args:
+        iface, port, bpf, json, once, write = "lo", None, None, False, False, None
+
+    class PacketSocket:
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            assert (level, option, size) == (SOL_PACKET, PACKET_STATISTICS, 8)
+            return struct.pack("II", 120, 7)  # struct tpacket_stats: packets, drops
+
+    capture = LiveCapture(Args())  # type: ignore[arg-type]
+    capture.out = io.StringIO()
+    conn = _Conn(40000, 4444)
+    for segment in conn.handshake() + [conn.seg(True, precopy_stream()[:500], PSH | ACK)]:
+        capture.demux.segment(segment)
+    capture.sock = SimpleNamespace(ins=PacketSocket())
+    capture._poll_drops()
+    drops = [f for f in capture.demux.streams[0].findings if f.code == "kernel-drops"]
+    assert len(drops) == 1 and drops[0].severity.label == "error"
+    assert "7 packets" in drops[0].message
+    assert (capture.packets_total, capture.drops_total) == (120, 7)
+    assert "kernel-drops" in capture.out.getvalue()  # printed as it happens
