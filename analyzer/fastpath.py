@@ -37,8 +37,8 @@ _MASK = 0xFFFFFFFF
 _GATHER = 1 << 16  # bytes gathered from small segments before one feed
 _DIRECT = 1 << 14  # segments at least this big are fed without copying
 # Ethernet type + IPv4 version/IHL (b"\x08\x00\x45"), total length, fragment field,
-# protocol, addresses and ports as one lane key, seq, ack, data offset, flags.
-_HEADERS = struct.Struct("!12x3sxHxxHxB2x12sIIBB")
+# protocol, addresses and ports as one lane key, seq, data offset, flags.
+_HEADERS = struct.Struct("!12x3sxHxxHxB2x12sI4xBB")
 _HEADERS_LEN = 14 + 20 + 14  # through the TCP flags byte
 _IPV4_NO_OPTIONS = b"\x08\x00\x45"
 
@@ -68,7 +68,7 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
     lanes: dict[bytes, tuple[_Dir, MigrationStream | None]] = {}
     gathered = bytearray()
     gathered_for: MigrationStream | None = None
-    gathered_ts = 0.0
+    gathered_sec = gathered_frac = 0
     ts = 0.0
     off = last = 24
     release_at = _RELEASE_STEP
@@ -87,7 +87,7 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
         last = off
         off = end
         if caplen >= _HEADERS_LEN:
-            head, total, frag, proto, key, seq, _ack, offres, flags = headers(view, start)
+            head, total, frag, proto, key, seq, offres, flags = headers(view, start)
             lane = lanes.get(key)
             if (lane is not None and head == _IPV4_NO_OPTIONS and proto == 6
                     and not frag & 0x1FFF and not flags & 7):
@@ -102,29 +102,32 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
                         if not n:
                             continue
                         if stream is not None:
-                            ts = sec + frac / divisor
                             d.next_off += n
                             d.next_seq = (seq + n) & _MASK
-                            if gathered and gathered_for is not stream:
-                                gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+                            if n < _DIRECT and gathered_for is stream:
+                                # The common case: gather; the clock is read at the feed.
+                                gathered += view[data_start:frame_end]
+                                gathered_sec, gathered_frac = sec, frac
+                                if len(gathered) >= _GATHER:
+                                    stream.feed(gathered, gathered_sec + gathered_frac / divisor)
+                                    gathered = bytearray()
+                                continue
+                            if gathered:
+                                gathered_for.feed(  # type: ignore[union-attr]
+                                    gathered, gathered_sec + gathered_frac / divisor)
                                 gathered = bytearray()
                             if n >= _DIRECT:
-                                if gathered:
-                                    stream.feed(gathered, gathered_ts)
-                                    gathered = bytearray()
-                                stream.feed(view[data_start:frame_end], ts)
+                                stream.feed(view[data_start:frame_end], sec + frac / divisor)
                             else:
                                 gathered += view[data_start:frame_end]
-                                gathered_for = stream
-                                gathered_ts = ts
-                                if len(gathered) >= _GATHER:
-                                    stream.feed(gathered, ts)
-                                    gathered = bytearray()
+                                gathered_sec, gathered_frac = sec, frac
+                            gathered_for = stream
                             continue
         # The general path, in capture order: first deliver what was gathered.
         ts = sec + frac / divisor
         if gathered:
-            gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+            gathered_for.feed(  # type: ignore[union-attr]
+                gathered, gathered_sec + gathered_frac / divisor)
             gathered = bytearray()
         reassembler._last_ts = ts
         segment = parse_frame(LINKTYPE_ETHERNET, view[start:end], ts)
@@ -134,7 +137,8 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
         _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
                        view, start, caplen)
     if gathered:
-        gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+        gathered_for.feed(  # type: ignore[union-attr]
+            gathered, gathered_sec + gathered_frac / divisor)
     if off > 24:
         # The last frames may have been ACKs the lane dropped without a clock.
         sec, frac = rec(view, last)[:2]
