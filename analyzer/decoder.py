@@ -106,6 +106,9 @@ class StreamDecoder:
         self._need = 1
         self._skip = 0  # bytes still to skip without buffering (page data, big buffers)
         self._skip_start = 0  # stream offset of the element whose bytes are being skipped
+        # Events of a record whose skipped buffer is still arriving: emitted once it
+        # has, so that no record claims bytes the decoder has not been fed.
+        self._deferred: list[Event] = []
         self._events: list[Event] = []
         self._timestamp: float | None = None
         self._state: Callable[[], NeedMore | None] = self._state_header
@@ -151,6 +154,7 @@ class StreamDecoder:
             view = view[taken:]
             if self._skip:
                 return self._drain()
+            self._release_deferred()
         if view:
             if (self._state == self._state_ram and self._pos == len(self._buf)
                     and not self.ram_detail and self._package_end is None
@@ -180,6 +184,8 @@ class StreamDecoder:
             # decoding continues exactly, only the skipped bytes are unknown.
             self._skip -= length
             self._base += length
+            if not self._skip:
+                self._release_deferred()
             self._emit(findings.make(
                 "capture-gap",
                 f"{length} bytes missing from the capture at {gap_start:#x}; they fell "
@@ -192,6 +198,7 @@ class StreamDecoder:
             "resynchronising on the next recognisable item",
             gap_start, length=length, section=self._section_name()))
         self._flush_ram_run(gap_start)
+        self._release_deferred()
         self._base = gap_start + length
         self._buf.clear()
         self._pos = 0
@@ -205,8 +212,10 @@ class StreamDecoder:
         if self.finished:
             return self._drain()
         self._run()
+        self._release_deferred()
         remaining = len(self._buf) - self._pos
-        end = self.offset
+        # What was fed: the bytes a pending skip still expected never came.
+        end = self._base + len(self._buf)
         if self._state in (self._state_done, self._state_after_vmdesc) or (
             self._state == self._state_after_eof and remaining == 0
         ):
@@ -217,7 +226,7 @@ class StreamDecoder:
                 self._emit(findings.make(
                     "resynchronised",
                     f"skipped {skipped} bytes to the end of data without finding an item",
-                    self._resync_from or end, length=skipped))
+                    end - skipped, length=skipped))
             self._emit(findings.make(
                 "truncated", "the stream ended while resynchronising, before EOF", end))
         elif self._state == self._state_item and remaining == 0 and self._skip == 0:
@@ -246,6 +255,17 @@ class StreamDecoder:
         return self._drain()
 
     # --- machinery ----------------------------------------------------------
+
+    def _release_deferred(self) -> None:
+        """Emit the events held back while a skipped buffer arrived; if the data ended
+        or broke off first, they claim only the bytes that did arrive."""
+        if not self._deferred:
+            return
+        end = self._base + len(self._buf)
+        for event in self._deferred:
+            event.length = max(0, min(event.length, end - event.offset))
+        self._events.extend(self._deferred)
+        self._deferred = []
 
     def _drain(self) -> list[Event]:
         events, self._events = self._events, []
@@ -959,8 +979,9 @@ class StreamDecoder:
         avail = self._available()
         if avail < 1:
             return self._short(1, "a dirty-bitmap record")
-        if self._missing_eos_here():
-            return None
+        eos_check = self._missing_eos_here()
+        if eos_check is not None:
+            return eos_check or None
         head_probe = min(avail, g.BITMAP_RECORD_HEAD_MAX)
         try:
             head = _parse_bitmap_head(bytes(self._buf[self._pos : self._pos + head_probe]))
@@ -992,27 +1013,51 @@ class StreamDecoder:
             buffer = bytes(self._buf[self._pos + head_len : self._pos + total])
         return self._bitmap_record_done(head, head_len, buffer, skip=0)
 
-    def _missing_eos_here(self) -> bool:
-        """A footer or the next item where a record should start means EOS was lost."""
+    def _missing_eos_here(self) -> NeedMore | None:
+        """A footer or the next item where a record should start means EOS was lost.
+
+        Returns None when a record starts here, 0 after reporting the missing EOS, or
+        how many bytes must be buffered to tell: the answer must not depend on how
+        the data was chunked (0x02/0x03 are both an item type and valid flags).
+        """
         pos = self._pos
         buf = self._buf
         first = buf[pos]
         section = self._current
         if section is None:
-            return False
+            return None
+        limit = pos + self._available()
+
+        def short(size: int) -> bool:
+            # Inside a PACKAGED blob an item cannot run past its end: then a record.
+            return pos + size > limit and not self._hits_package_end(size)
+
         looks_like_next = False
-        if first == g.ItemType.SECTION_FOOTER and pos + 5 <= len(buf):
-            looks_like_next = _BE32.unpack_from(buf, pos + 1)[0] == section.section_id
-        elif first in (g.ItemType.SECTION_PART, g.ItemType.SECTION_END) and pos + 5 <= len(buf):
-            looks_like_next = _BE32.unpack_from(buf, pos + 1)[0] in self._sections
-        elif first == g.ItemType.SECTION_FULL and pos + 6 <= len(buf):
-            name_len = buf[pos + 5]
-            looks_like_next = pos + 6 + name_len <= len(buf) and _printable(
-                bytes(buf[pos + 6 : pos + 6 + name_len]))
+        if first in (g.ItemType.SECTION_FOOTER, g.ItemType.SECTION_PART,
+                     g.ItemType.SECTION_END):
+            if short(5):
+                return 5
+            if pos + 5 <= limit:
+                section_id = _BE32.unpack_from(buf, pos + 1)[0]
+                if first == g.ItemType.SECTION_FOOTER:
+                    looks_like_next = section_id == section.section_id
+                else:
+                    looks_like_next = section_id in self._sections
+        elif first == g.ItemType.SECTION_FULL:
+            if short(6):
+                return 6
+            if pos + 6 <= limit:
+                name_len = buf[pos + 5]
+                if short(6 + name_len):
+                    return 6 + name_len
+                looks_like_next = pos + 6 + name_len <= limit and _printable(
+                    bytes(buf[pos + 6 : pos + 6 + name_len]))
         elif first == g.ItemType.EOF and self._package_end is None:
-            looks_like_next = pos + 1 == len(buf) or buf[pos + 1] == g.ItemType.VMDESCRIPTION
+            if short(2):
+                return 2
+            looks_like_next = buf[pos + 1] == g.ItemType.VMDESCRIPTION
         if not looks_like_next:
-            return False
+            return None
         start = self._abs(pos)
         self._emit(findings.make(
             "missing-eos", "the dirty-bitmap section payload ended (at "
@@ -1022,11 +1067,12 @@ class StreamDecoder:
             self._state = self._state_footer
         else:
             self._state = self._state_item
-        return True
+        return 0
 
     def _bitmap_record_done(self, head: Any, head_len: int, buffer: bytes | None, skip: int
                             ) -> NeedMore | None:
         start = self._abs(self._pos)
+        first_event = len(self._events)
         section = g.DIRTY_BITMAP_SECTION_IDSTR
         flags = head.flags.value
         if head.device_name is not None:
@@ -1087,6 +1133,8 @@ class StreamDecoder:
             if skip - take:
                 self._skip = skip - take
                 self._skip_start = start
+                self._deferred = self._events[first_event:]
+                del self._events[first_event:]
         elif buffer is not None:
             self._pos += len(buffer)
         if flags & g.BitmapFlag.EOS:
