@@ -100,6 +100,14 @@ def test_cursor_keys_and_mouse_move_the_selection(demo: Path) -> None:
         assert listing.selected_row() == listing.size.height - 2
         await pilot.click(RecordList, offset=(5, 4))
         assert listing.selected_row() == listing.scroll_offset.y + 4
+        await pilot.press("g", "j", "j", "k")
+        assert listing.selected_row() == 1
+        await pilot.press("G")
+        assert listing.selected_row() == len(app.store) - 1
+        await pilot.press("slash")
+        assert app.main.query_one("#filter", Input).has_focus
+        await pilot.press("escape")
+        assert listing.has_focus
 
     drive(MigsharkApp.for_path(demo), scenario)
 
@@ -344,22 +352,36 @@ class SteppedSource:
 
 def test_usable_while_loading_with_progress(demo: Path) -> None:
     records, _, _ = expected_records(demo)
-    source = SteppedSource([("s", r) for r in records])
+    events: list[tuple[str, Any]] = []
+    analyze_path(demo, AnalysisOptions(), lambda stream, event: events.append(("s", event)))
+    source = SteppedSource(events)
 
     async def main() -> None:
         app = MigsharkApp(source)
         async with app.run_test(size=(80, 24)) as pilot:
-            while len(app.store) < len(records) // 2:
+            while not source.halfway.is_set() or not app.store.records:
                 await pilot.pause(0.02)
+            await pilot.pause()
             bar = app.main.query_one(ProgressBar)
             assert bar.display and bar.progress == 0.5
             assert "loading" in str(app.main.query_one("#status", Static).render())
             await pilot.press("down", "b")
             assert isinstance(app.screen, BitmapsScreen)
-            await pilot.press("escape")
+            await pilot.press("escape", "e")
+            screen = app.screen
+            assert isinstance(screen, FindingsScreen)
+            no_findings = screen.query_one("#no-findings")
+            assert no_findings.display  # the demo's findings are in its second half
             source.release.set()
             await app.wait_loaded()
-            await pilot.pause()
+            # The open findings view picks up what landed meanwhile.
+            for _ in range(100):
+                if not no_findings.display:
+                    break
+                await pilot.pause(0.05)
+            groups = [str(node.label) for node in screen.query_one(Tree).root.children]
+            assert groups[0] == "warning (2)"
+            await pilot.press("escape")
             assert len(app.store) == len(records) and not bar.display
 
     asyncio.run(main())

@@ -97,37 +97,50 @@ class FindingsScreen(Screen[None]):
         self.store = store
 
     def compose(self) -> ComposeResult:
-        shown = [(s, f) for s, f in self.store.findings if f.code != "phase"]
-        phases = [(s, f) for s, f in self.store.findings if f.code == "phase"]
-        yield Static(f" Findings: {len(shown)}   Enter: go to the record   Esc: back",
-                     id="findings-title")
-        if not shown:
-            yield Static("No findings.", id="no-findings")
-        if shown or phases:
-            tree: Tree[tuple[str, Finding] | None] = Tree("findings", id="findings-tree")
-            tree.show_root = False
-            groups = [(severity.label, [(s, f) for s, f in shown if f.severity == severity])
-                      for severity in sorted(Severity, reverse=True)]
-            # Phases are not problems, but they are where one starts reading a stream.
-            groups.append(("phases", phases))
-            for label, group in groups:
-                if not group:
-                    continue
-                branch = tree.root.add(f"{label} ({len(group)})", expand=True)
-                for stream, finding in sorted(group, key=lambda item: item[1].offset):
-                    where = f"{finding.offset:#010x}"
-                    text = Text(f"{where}  {finding.code}: {finding.message}")
-                    branch.add_leaf(text, data=(stream, finding))
-            yield tree
+        yield Static("", id="findings-title")
+        yield Static("No findings.", id="no-findings")
+        tree: Tree[tuple[str, Finding] | None] = Tree("findings", id="findings-tree")
+        tree.show_root = False
+        yield tree
         yield Footer()
 
     def on_mount(self) -> None:
-        trees = self.query(Tree)
-        if trees:
-            tree = trees.first()
-            tree.focus()
-            # Start on the first finding, not on its group's heading.
-            tree.move_cursor_to_line(1)
+        self.shown_count = -1
+        self.populate()
+        tree = self.query_one(Tree)
+        tree.focus()
+        # Start on the first finding, not on its group's heading.
+        _move_tree_cursor(tree, 1)
+        # Findings keep landing while a capture decodes (or a live capture runs).
+        self.set_interval(0.5, self.populate)
+
+    def populate(self) -> None:
+        if len(self.store.findings) == self.shown_count:
+            return
+        self.shown_count = len(self.store.findings)
+        shown = [(s, f) for s, f in self.store.findings if f.code != "phase"]
+        phases = [(s, f) for s, f in self.store.findings if f.code == "phase"]
+        self.query_one("#findings-title", Static).update(
+            f" Findings: {len(shown)}   Enter: go to the record   Esc: back")
+        self.query_one("#no-findings").display = not shown
+        tree: Tree[tuple[str, Finding] | None] = self.query_one(Tree)
+        tree.display = bool(shown or phases)
+        line = tree.cursor_line
+        tree.clear()
+        groups = [(severity.label, [(s, f) for s, f in shown if f.severity == severity])
+                  for severity in sorted(Severity, reverse=True)]
+        # Phases are not problems, but they are where one starts reading a stream.
+        groups.append(("phases", phases))
+        for label, group in groups:
+            if not group:
+                continue
+            branch = tree.root.add(f"{label} ({len(group)})", expand=True)
+            for stream, finding in sorted(group, key=lambda item: item[1].offset):
+                where = f"{finding.offset:#010x}"
+                text = Text(f"{where}  {finding.code}: {finding.message}")
+                branch.add_leaf(text, data=(stream, finding))
+        if line > 0:
+            _move_tree_cursor(tree, line)
 
     @on(Tree.NodeSelected, "#findings-tree")
     def jump(self, event: Tree.NodeSelected[tuple[str, Finding] | None]) -> None:
@@ -141,6 +154,11 @@ class FindingsScreen(Screen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+def _move_tree_cursor(tree: Tree[Any], line: int) -> None:
+    if tree.last_line >= 0:
+        tree.move_cursor_to_line(min(line, tree.last_line))
 
 
 BITMAP_COLUMNS = ("Node", "Name", "Granularity", "Flags", "Disk size", "Coverage",

@@ -24,7 +24,7 @@ from analyzer.records import Event, Finding, Record, Severity
 from tui.filter import Predicate, RowView
 
 MAP_CELLS = 4096
-BATCH_EVENTS = 5000
+BATCH_EVENTS = 2000
 BATCH_SECONDS = 0.1
 
 
