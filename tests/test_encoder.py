@@ -370,3 +370,28 @@ def test_faults_refuse_scenarios_they_cannot_bend(faults: list[str], message: st
 def test_two_faults_on_one_chunk_are_refused() -> None:
     with pytest.raises(ScenarioError, match="choose one"):
         encode(scenario(), [parse_fault("wrong-buffer-size"), parse_fault("oversized-buffer")])
+
+
+def _tshark_expert(path: Path) -> list[str]:
+    import subprocess
+
+    out = subprocess.run(
+        ["tshark", "-r", str(path), "-o", "tcp.check_checksum:TRUE",
+         "-o", "ip.check_checksum:TRUE", "-Y",
+         "tcp.checksum.status == 0 || ip.checksum.status == 0 || _ws.malformed "
+         "|| tcp.analysis.flags", "-T", "fields", "-e", "_ws.expert.message"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+@pytest.mark.parametrize("suffix", [".pcap", ".pcapng"])
+def test_tshark_finds_nothing_wrong_in_a_clean_capture(tmp_path: Path, suffix: str) -> None:
+    from tests.conftest import require_tools
+
+    require_tools("tshark")
+    out = tmp_path / f"clean{suffix}"
+    generate(scenario(), out)
+    assert _tshark_expert(out) == []
+    noisy = tmp_path / f"dup{suffix}"
+    generate(scenario(), noisy, [parse_fault("duplicate")])
+    assert any("retransmission" in line for line in _tshark_expert(noisy))
