@@ -360,6 +360,8 @@ def _size(value: int) -> str:
 def _resample(cells: str, budget: int, width: int) -> str:
     """Fit the map to the widget: merge cells when there are too many (dirty wins,
     then missing), repeat them when a small disk would fill only part of a line."""
+    if not cells:
+        return ""
     if len(cells) > budget:
         return _downsample(cells, budget)
     repeat = max(1, width // len(cells)) if len(cells) < width else 1
