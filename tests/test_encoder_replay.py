@@ -204,7 +204,7 @@ def test_spliced_into_a_real_capture_loads_with_the_expected_hashes(tmp_path: Pa
     require_tools("qemu-system-x86_64", "qemu-img")
     from analyzer.replay import spliced_stream
 
-    capture = ROOT / "captures" / "real" / "exec.bin"
+    capture = ROOT / "captures" / "real" / "precopy.pcap"
     require(capture.exists(), f"{capture} missing")
     data = spliced_stream(SCENARIO, capture)
     assert data[:4] == b"QEVM" and data != capture.read_bytes()
