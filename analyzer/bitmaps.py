@@ -478,7 +478,9 @@ class BitmapTracker:
         label = f"{key[0]}/{key[1]}"
         state = self.bitmaps.get(key)
         if state is None or state.started_at is None:
-            if self._destination_has(key) is None:
+            # On a node QEMU could not find it stopped there (unknown-node); there is
+            # no bitmap lookup to fail.
+            if self._destination_has(key) is None and self._real_node(key[0]) is not None:
                 found += self._once(
                     "unknown-bitmap", key[0], record,
                     f"BITS for {label}, which has no START in this stream"
@@ -586,6 +588,8 @@ class BitmapTracker:
         label = f"{key[0]}/{key[1]}"
         state = self.bitmaps.get(key)
         if state is None or state.started_at is None:
+            if self._real_node(key[0]) is None:
+                return []  # reported as unknown-node where the name appeared
             if self.destination is not None and self._destination_has(key) is None:
                 return self._once(
                     "unknown-bitmap", key[0], record,

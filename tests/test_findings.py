@@ -237,6 +237,18 @@ def test_unknown_node_against_the_destination() -> None:
     assert "Cannot find device='nosuch' nor node-name='nosuch'" in finding.message
 
 
+def test_an_unknown_node_is_not_also_an_unknown_bitmap() -> None:
+    s = StreamBuilder()
+    s.section()
+    record = s.record(F.BITS, device_name="nosuch", bitmap_name="b0", first_sector=0,
+                      sector_count=FULL_CHUNK, buffer=CHUNK_BITS)
+    s.record(F.COMPLETE)
+    finish_ok(s)
+    destination = DestinationContext(nodes={"disk0"})
+    found = findings_of(s.data(), AnalysisOptions(destination=destination))
+    assert [(f.code, f.offset) for f in found if f.severity > N] == [("unknown-node", record)]
+
+
 def test_a_device_name_resolves_to_its_root_node() -> None:
     s = started(node="drive0")
     finish_ok(s)
