@@ -617,7 +617,25 @@ def generate(scenario: Scenario, out: str | Path, faults: list[Fault] | None = N
     expected["format"] = fmt
     expected["faults"] = [str(f) for f in faults]
     expected_path(out).write_text(json.dumps(expected, indent=2) + "\n")
+    if scenario.uses_mapping:
+        mapping_path(out).write_text(json.dumps(
+            {"block-bitmap-mapping": bitmap_mapping(scenario)}, indent=2) + "\n")
     return expected
+
+
+def mapping_path(out: str | Path) -> Path:
+    """Where `generate` writes the block-bitmap-mapping of a scenario with aliases
+    (for `migshark analyze --bitmap-mapping` and the destination's
+    migrate-set-parameters)."""
+    out = Path(out)
+    return out.with_name(out.name + ".mapping.json")
+
+
+def bitmap_mapping(scenario: Scenario) -> list[dict[str, Any]]:
+    """The block-bitmap-mapping parameter that makes QEMU send the scenario's aliases."""
+    return [{"node-name": node.name, "alias": node.wire_name,
+             "bitmaps": [{"name": b.name, "alias": b.wire_name} for b in node.bitmaps]}
+            for node in scenario.nodes if node.bitmaps]
 
 
 # --- the `migshark generate` subcommand (registered by analyzer.cli) -----------------

@@ -394,3 +394,19 @@ def test_tshark_finds_nothing_wrong_in_a_clean_capture(tmp_path: Path) -> None:
     noisy = tmp_path / "dup.pcapng"
     generate(scenario(), noisy, [parse_fault("duplicate")])
     assert any("retransmission" in line for line in _tshark_expert(noisy))
+
+
+def test_mapping_scenario_writes_the_block_bitmap_mapping(tmp_path: Path) -> None:
+    from analyzer.analysis import AnalysisOptions
+    from analyzer.encoder import mapping_path
+    from analyzer.mapping import load_mapping
+
+    out = tmp_path / "mapped.bin"
+    expected = generate(load_scenario(SCENARIOS / "mapping.toml"), out)
+    mapping = load_mapping(mapping_path(out))
+    result = analyze_path(out, AnalysisOptions(mapping=mapping)).as_json()
+    names = [(b["node"], b["name"], b["real_node"], b["real_name"]) for b in result["bitmaps"]]
+    assert names == [(b["node"], b["name"], b["real_node"], b["real_name"])
+                     for b in expected["bitmaps"]]
+    assert ("alias-node-1", "bx", "disk-b", "bitmap-b1") in names
+    assert not mapping_path(tmp_path / "clean.bin").exists()
