@@ -360,6 +360,10 @@ class BitmapTracker:
             return wire_node
         return self.destination.resolve(wire_node, node_only=self.mapping is not None)
 
+    def _real_name(self, key: tuple[str, str]) -> str:
+        """The bitmap name QEMU looks up: the mapping's real name for an alias."""
+        return self.aliases.get(key, key)[1]
+
     def _destination_has(self, key: tuple[str, str]) -> int | None:
         """Granularity of the destination's existing bitmap for a wire (node, name)."""
         if self.destination is None:
@@ -485,8 +489,8 @@ class BitmapTracker:
                     "unknown-bitmap", key[0], record,
                     f"BITS for {label}, which has no START in this stream"
                     + (" and does not exist on the destination" if self.destination else "")
-                    + f"; QEMU: \"Error: unknown dirty bitmap '{key[1]}' for block device "
-                    f"'{key[0]}'\"")
+                    + f"; QEMU: \"Error: unknown dirty bitmap '{self._real_name(key)}' for "
+                    f"block device '{self._real_node(key[0])}'\"")
             return found
         if state.completed_at is not None:
             found.append(self._finding(
@@ -594,8 +598,8 @@ class BitmapTracker:
                 return self._once(
                     "unknown-bitmap", key[0], record,
                     f"COMPLETE for {label}, which neither this stream nor the destination "
-                    f"has; QEMU: \"Error: unknown dirty bitmap '{key[1]}' for block device "
-                    f"'{key[0]}'\"")
+                    f"has; QEMU: \"Error: unknown dirty bitmap '{self._real_name(key)}' for "
+                    f"block device '{self._real_node(key[0])}'\"")
             return [self._finding(
                 "complete-without-start", record,
                 f"COMPLETE for {label}, which has no START in this stream")]

@@ -217,6 +217,17 @@ def test_unknown_bitmap_for_complete_when_the_destination_lacks_it() -> None:
     assert "complete-without-start" not in codes(found)
 
 
+def test_unknown_bitmap_names_the_node_as_qemu_does() -> None:
+    s = StreamBuilder()
+    s.section()
+    record = s.record(F.COMPLETE, device_name="drive0", bitmap_name="ghost")
+    finish_ok(s)
+    destination = DestinationContext(nodes={"disk0"}, devices={"drive0": "disk0"})
+    found = findings_of(s.data(), AnalysisOptions(destination=destination))
+    finding = assert_finding(found, "unknown-bitmap", E, record)
+    assert "Error: unknown dirty bitmap 'ghost' for block device 'disk0'" in finding.message
+
+
 def test_complete_without_start() -> None:
     s = StreamBuilder()
     s.section()
