@@ -410,3 +410,10 @@ def test_mapping_scenario_writes_the_block_bitmap_mapping(tmp_path: Path) -> Non
                      for b in expected["bitmaps"]]
     assert ("alias-node-1", "bx", "disk-b", "bitmap-b1") in names
     assert not mapping_path(tmp_path / "clean.bin").exists()
+
+
+def test_gap_needs_page_data_to_fall_into(tmp_path: Path) -> None:
+    no_data = scenario(ram={"blocks": [{"name": "pc.ram", "size": 65536,
+                                        "data_fraction": 0.0}]})
+    with pytest.raises(ScenarioError, match="data_fraction"):
+        generate(no_data, tmp_path / "gap.pcap", [parse_fault("gap")])
