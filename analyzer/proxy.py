@@ -114,6 +114,17 @@ def bound_address(server: socket.socket, address: Address) -> Address:
     return Address("tcp", host=host, port=port)
 
 
+def _peer_name(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+        return f"{host}:{peer[1]}"
+    return "unix socket"
+
+
 def _nodelay(sock: socket.socket) -> None:
     # Return-path messages are tiny and latency-bound (postcopy page requests): the
     # extra hop must not hold them back for Nagle.
@@ -250,7 +261,7 @@ class ProxiedConnection:
         self.target = target
         self.output = output
         self.path = path
-        self.name = f"connection {number}"
+        self.name = f"connection {number} ({_peer_name(client)} -> {target})"
         self.queue: queue.SimpleQueue[tuple[str, bytes | None, float]] = queue.SimpleQueue()
         self.analysis = ConnectionAnalysis(self.name, options, self._event)
         self.server: socket.socket | None = None
