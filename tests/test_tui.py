@@ -14,12 +14,13 @@ from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, ProgressBar, Static, Tree
 
 from analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_path
+from analyzer.bitmaps import BitmapTracker
 from analyzer.cli import build_parser, format_event_line
 from analyzer.records import Finding, Record, Severity
 from tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from tui.demo import build_demo_stream, write_demo_stream
 from tui.fields import field_ranges, rebuild_bytes
-from tui.model import Batch, Deliver, Store
+from tui.model import Batch, Deliver, Store, snapshot_tracker
 from tui.widgets import DiskMap, HexView, RecordList
 
 Scenario = Callable[[MigsharkApp, Pilot[None]], Awaitable[None]]
@@ -339,14 +340,21 @@ class SteppedSource:
         self.release = threading.Event()
         self.halfway = threading.Event()
 
-    def run(self, deliver: Deliver, stop: threading.Event) -> AnalysisResult | None:
+    def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
+        tracker = BitmapTracker()
         half = len(self.events) // 2
-        deliver(Batch(self.events[:half], progress=0.5))
+
+        def batch(events: list[tuple[str, Any]], progress: float) -> Batch:
+            for _, event in events:
+                tracker.consume(event)
+            return Batch(events, snapshot_tracker("s", tracker), progress)
+
+        deliver(batch(self.events[:half], 0.5))
         self.halfway.set()
         while not self.release.wait(0.05):
             if stop.is_set():
                 return None
-        deliver(Batch(self.events[half:], progress=1.0))
+        deliver(batch(self.events[half:], 1.0))
         return None
 
 
@@ -365,21 +373,27 @@ def test_usable_while_loading_with_progress(demo: Path) -> None:
             bar = app.main.query_one(ProgressBar)
             assert bar.display and bar.progress == 0.5
             assert "loading" in str(app.main.query_one("#status", Static).render())
-            await pilot.press("down", "b")
-            assert isinstance(app.screen, BitmapsScreen)
-            await pilot.press("escape", "e")
+            await pilot.press("down", "e")
+            assert isinstance(app.screen, FindingsScreen)
+            # The demo's findings are in its second half.
+            assert app.screen.query_one("#no-findings").display
+            await pilot.press("escape", "b")
             screen = app.screen
-            assert isinstance(screen, FindingsScreen)
-            no_findings = screen.query_one("#no-findings")
-            assert no_findings.display  # the demo's findings are in its second half
+            assert isinstance(screen, BitmapsScreen)
+            disk_map = screen.query_one(DiskMap)
+            assert disk_map.snapshot is not None and not disk_map.snapshot.cells
+            assert "no BITS received yet" in str(disk_map.render())
             source.release.set()
             await app.wait_loaded()
-            # The open findings view picks up what landed meanwhile.
+            # The open bitmaps view follows the stream: the map fills in.
             for _ in range(100):
-                if not no_findings.display:
+                if disk_map.snapshot is not None and disk_map.snapshot.cells:
                     break
                 await pilot.pause(0.05)
-            groups = [str(node.label) for node in screen.query_one(Tree).root.children]
+            assert disk_map.snapshot is not None and "d" in disk_map.snapshot.cells
+            assert screen.query_one(DataTable).get_row_at(0)[7] == "reconstructed"
+            await pilot.press("escape", "e")
+            groups = [str(node.label) for node in app.screen.query_one(Tree).root.children]
             assert groups[0] == "warning (2)"
             await pilot.press("escape")
             assert len(app.store) == len(records) and not bar.display
@@ -464,3 +478,49 @@ def test_cli_has_a_tui_command_and_a_default_capture() -> None:
     assert args.path is None and args.port == 4444
     capture = default_capture()
     assert capture is None or capture.exists()
+
+
+class CaptureReplaySource:
+    """What a live capture does: frames one by one through CaptureDemux, a Batcher as sink."""
+
+    name = "replay"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
+        from analyzer.analysis import CaptureDemux
+        from analyzer.capture import CaptureReader, parse_frame
+        from tui.model import Batcher
+
+        batcher = Batcher(deliver, stop)
+        demux = CaptureDemux(AnalysisOptions(keep_buffers=True), batcher)
+        reader = CaptureReader(str(self.path))
+        for frame in reader:
+            segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
+            if segment is not None:
+                demux.segment(segment)
+        demux.finish()
+        reader.close()
+        batcher.flush(final=True)
+        return None
+
+
+def test_a_live_style_source_shows_what_the_file_shows() -> None:
+    from tests.conftest import CAPTURES, require
+
+    capture = CAPTURES / "real" / "postcopy-1node.pcap"
+    require(capture.exists(), f"{capture} is missing")
+    records, _, result = expected_records(capture)
+
+    async def scenario(app: MigsharkApp, pilot: Pilot[None]) -> None:
+        assert [(r.offset, r.kind) for r in app.store.records] == [
+            (r.offset, r.kind) for r in records]
+        shas = {(s.summary["node"], s.summary["name"]): s.summary["sha256"]
+                for s in app.store.bitmaps}
+        assert shas == {(b["node"], b["name"]): b["sha256"]
+                        for b in result.as_json()["bitmaps"]}
+        await pilot.press("x")  # a live source has no analysis JSON: a warning, no file
+        assert app.analysis is None
+
+    drive(MigsharkApp(CaptureReplaySource(capture)), scenario)
