@@ -272,6 +272,8 @@ class BitmapsScreen(Screen[None]):
 
 class MigsharkApp(App[None]):
     TITLE = "migshark"
+    # Every action has a key; the palette's footer hint would push them off 80 columns.
+    ENABLE_COMMAND_PALETTE = False
     CSS = """
     #top { height: 1; }
     #status { width: 1fr; }
@@ -289,15 +291,16 @@ class MigsharkApp(App[None]):
     #hex-pane { height: 1fr; min-height: 3; border-top: solid $primary 50%; }
     """
     BINDINGS = [
+        # Footer order: what fits at 80 columns comes first, help before exports.
         Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
         Binding("slash", "focus_filter", "Filter"),
         Binding("b", "bitmaps", "Bitmaps"),
         Binding("e", "findings", "Findings"),
-        Binding("x", "export_json", "JSON"),
-        Binding("t", "export_text", "Text"),
         Binding("f", "follow", "Follow"),
         Binding("space", "pause", "Pause"),
-        Binding("question_mark", "help", "Help"),
+        Binding("x", "export_json", "JSON"),
+        Binding("t", "export_text", "Text"),
         Binding("escape", "focus_list", "List", show=False),
     ]
 
