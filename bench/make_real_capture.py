@@ -22,6 +22,7 @@ import json
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,6 +164,7 @@ def capture(out: Path, ram_mib: int, name: str) -> dict[str, Any]:
         "dst", work, ram_mib, f"memory-backend-ram,id=mem0,size={ram_mib}M", disks["dst"],
         ["-incoming", f"tcp:127.0.0.1:{port}"])
     tcpdump = None
+    ok = False
     pcap = out / f"{name}.pcap"
     try:
         s = connect(src, src_sock)
@@ -222,6 +224,7 @@ def capture(out: Path, ram_mib: int, name: str) -> dict[str, Any]:
             "bitmaps": truth_bitmaps,
         }
         (out / f"{name}.truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+        ok = True
         return truth
     finally:
         if tcpdump is not None:
@@ -233,6 +236,8 @@ def capture(out: Path, ram_mib: int, name: str) -> dict[str, Any]:
         ram_file.unlink(missing_ok=True)
         for disk in disks.values():
             disk.unlink(missing_ok=True)
+        if ok:  # QEMU logs and sockets are kept only to explain a failure
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def main() -> int:
