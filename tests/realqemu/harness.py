@@ -641,6 +641,11 @@ def read_tcp_flow(pcap: Path, server_port: int) -> TcpFlow:
 # -- the run ---------------------------------------------------------------------------
 
 
+class UnusableRun(HarnessError):
+    """The migration ran, but not as the scenario needs (capture incomplete, postcopy
+    never entered): a race outside migshark, worth running again."""
+
+
 def run_migration(
     scenario: MigrationScenario,
     workdir: Path,
@@ -649,6 +654,35 @@ def run_migration(
     timeout: float = 60.0,
     incoming: str | None = None,
     via: Callable[[str], str] | None = None,
+    attempts: int = 3,
+) -> MigrationResult:
+    """Migrate `scenario`, again (in a fresh subdirectory) when the capture is unusable.
+
+    A run can be unusable for reasons outside migshark: a QEMU 7.2 destination that
+    aborts during bitmap postcopy resets the connection while the source may still be
+    sending, the migration can finish before migrate-start-postcopy lands, and tcpdump
+    can drop frames on a loaded machine. Such runs are retried; any other failure is
+    raised at once.
+    """
+    for attempt in range(1, attempts + 1):
+        where = Path(workdir) if attempt == 1 else Path(workdir) / f"attempt-{attempt}"
+        try:
+            return _run_migration_once(scenario, where, capture=capture, timeout=timeout,
+                                       incoming=incoming, via=via)
+        except UnusableRun:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_migration_once(
+    scenario: MigrationScenario,
+    workdir: Path,
+    *,
+    capture: bool,
+    timeout: float,
+    incoming: str | None,
+    via: Callable[[str], str] | None,
 ) -> MigrationResult:
     """Migrate `scenario` between two fresh QEMUs; see the module docstring.
 
@@ -751,13 +785,14 @@ def run_migration(
             status = _wait_status(s, TERMINAL_STATES, deadline, "source")
             seen = {e["data"].get("status") for e in s.all_events if e["event"] == "MIGRATION"}
             if postcopy and "postcopy-active" not in seen:
-                raise HarnessError(f"migration ended {status!r} without entering postcopy")
+                raise UnusableRun(f"migration ended {status!r} without entering postcopy")
             # a destination that dies in postcopy makes the source pause ("Detected IO
             # failure for postcopy") if it notices before it has finished: both are fine,
             # the capture check below tells whether the whole stream went out
             ok = {"completed", "postcopy-paused"} if postcopy else {"completed"}
             if status not in ok:
-                raise HarnessError(f"source migration ended {status!r}; {src.log_tail()}")
+                failure = UnusableRun if postcopy else HarnessError
+                raise failure(f"source migration ended {status!r}; {src.log_tail()}")
         truth["source_outcome"] = status
 
         # a destination that neither finishes nor dies should not eat the whole budget
@@ -858,7 +893,7 @@ def _check_tcpdump_report(report: str) -> None:
     for line in report.splitlines():
         words = line.split()
         if "dropped" in words and words[0].isdigit() and int(words[0]) != 0:
-            raise HarnessError(f"tcpdump lost packets: {report.strip()}")
+            raise UnusableRun(f"tcpdump lost packets: {report.strip()}")
 
 
 def _check_capture(pcap: Path, port: int, postcopy: bool) -> None:
@@ -875,7 +910,7 @@ def _check_capture(pcap: Path, port: int, postcopy: bool) -> None:
     if postcopy and not (flow.to_server[-1:] == b"\x00" and flow.to_server[-6:-5] == b"\x7e"):
         problems.append("the postcopy stream does not end with footer + EOF")
     if problems:
-        raise HarnessError(f"{pcap}: " + "; ".join(problems))
+        raise UnusableRun(f"{pcap}: " + "; ".join(problems))
 
 
 def _to_pcapng(pcap: Path) -> Path | None:
