@@ -150,7 +150,8 @@ def test_field_ranges_tile_bitmap_records_and_rebuild_matches_the_wire(demo: Pat
     data = demo.read_bytes()
     checked = 0
     for record in records:
-        if record.kind.startswith(("bitmap-", "section-", "footer", "file-header", "eof")):
+        if record.kind.startswith(("bitmap-", "section-", "footer", "file-header", "eof",
+                                   "ram-mem-size", "ram-eos")):
             placed = [f for f in field_ranges(record) if f.length != record.length
                       or len(field_ranges(record)) == 1]
             position = record.offset
@@ -159,7 +160,8 @@ def test_field_ranges_tile_bitmap_records_and_rebuild_matches_the_wire(demo: Pat
                 position += item.length
             if placed:
                 assert position == record.end, record.kind
-            assert rebuild_bytes(record) == data[record.offset:record.end], record.kind
+            if not record.kind.startswith("ram-"):
+                assert rebuild_bytes(record) == data[record.offset:record.end], record.kind
             checked += 1
     assert checked > 25
 

@@ -86,10 +86,21 @@ def field_ranges(record: Record) -> list[FieldRange]:
         if "buffer_size" in f:
             take("buffer_size", f["buffer_size"], 8)
             take("buffer", f"{f['buffer_size']} bytes", f["buffer_size"])
+    elif kind in ("ram-eos", "ram-multifd-flush", "ram-hook"):
+        take("header", "addr | flags", 8)
+    elif kind == "ram-mem-size":
+        take("total_bytes", f.get("total_bytes"), 8)
+        for index, block in enumerate(f.get("blocks") or []):
+            name = str(block.get("idstr", ""))
+            take(f"blocks[{index}].idstr", name,
+                 1 + len(name.encode("utf-8", "surrogateescape")))
+            take(f"blocks[{index}].used_length", block.get("used_length"), 8)
+            for extra_index, extra in enumerate(block.get("extra") or []):
+                take(f"blocks[{index}].extra[{extra_index}]", extra, 8)
     # Anything not placed above is shown over the whole record.
     placed = {item.name for item in out}
     for key, value in f.items():
-        if key in placed or key in ("flag_names", "buffer", "flags_width"):
+        if key in placed or key in ("flag_names", "buffer", "flags_width", "blocks"):
             continue
         if isinstance(value, bytes):
             value = f"{len(value)} bytes"
