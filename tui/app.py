@@ -34,6 +34,7 @@ from tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, S
 from tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text
 
 QUEUE_BATCHES = 8
+FILTER_IN_THREAD_ROWS = 200_000
 FILTER_HINT = " Enter applies the filter (empty shows all); Esc returns to the list"
 # Keys that act on widgets of the main screen; hidden while another screen is on top.
 MAIN_SCREEN_ACTIONS = {"focus_filter", "focus_list", "follow"}
@@ -324,6 +325,8 @@ class MigsharkApp(App[None]):
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_BATCHES)
         self._stop = threading.Event()
         self._main_screen: Screen[Any] | None = None
+        self.filtering = False
+        self._filter_generation = 0
 
     @property
     def main(self) -> Screen[Any]:
@@ -430,7 +433,7 @@ class MigsharkApp(App[None]):
             new_rows = [row for row in new_rows if predicate(self.store.view(row))]
         listing = self.main.query_one(RecordList)
         had_selection = listing.selected_row() is not None
-        listing.rows_added(new_rows)
+        listing.rows_added([] if self.filtering else new_rows)
         if batch.bitmaps is not None:
             self.store.bitmaps = batch.bitmaps
             self.store.bitmaps_version += 1
@@ -477,6 +480,8 @@ class MigsharkApp(App[None]):
             parts.append(f"ERROR: {self.error}")
         elif self.loading:
             parts.append("loading")
+        if self.filtering:
+            parts.append("filtering")
         if self.paused:
             parts.append("PAUSED")
         if listing.follow:
@@ -592,11 +597,41 @@ class MigsharkApp(App[None]):
             return False
         self.predicate = predicate
         self.filter_text = text.strip()
+        self._filter_generation += 1
         listing = self.main.query_one(RecordList)
-        listing.set_rows(None if predicate is None else self.store.matching(predicate))
-        self.show_record(listing.selected_row())
+        if predicate is not None and len(self.store) > FILTER_IN_THREAD_ROWS:
+            # Seconds of work for a million rows: done off the event loop, so keys
+            # still work; the list shows the result when it is complete.
+            self.filtering = True
+            listing.set_rows(array("q"))
+            self.filter_rows(predicate, self._filter_generation, len(self.store))
+        else:
+            self.filtering = False
+            listing.set_rows(None if predicate is None else self.store.matching(predicate))
+            self.show_record(listing.selected_row())
         self.update_status()
         return True
+
+    @work(thread=True, exit_on_error=False, group="filter")
+    def filter_rows(self, predicate: Predicate, generation: int, end: int) -> None:
+        rows = self.store.matching(predicate, 0, end)
+        if self._stop.is_set():
+            return
+        try:
+            self.call_from_thread(self._filter_done, generation, rows, end)
+        except RuntimeError:
+            pass  # the app is shutting down
+
+    def _filter_done(self, generation: int, rows: array[int], end: int) -> None:
+        if generation != self._filter_generation or self.predicate is None:
+            return  # a newer filter replaced this one
+        # Rows that arrived while the thread worked were held back; add them in order.
+        rows.extend(self.store.matching(self.predicate, end))
+        self.filtering = False
+        listing = self.main.query_one(RecordList)
+        listing.set_rows(rows)
+        self.show_record(listing.selected_row())
+        self.update_status()
 
     def filtered_rows(self) -> range | array[int]:
         listing = self.main.query_one(RecordList)

@@ -350,9 +350,13 @@ class Store:
         return RowView(row + 1, self.records[row], self.severity.get(row),
                        self.codes.get(row, ()))
 
-    def matching(self, predicate: Predicate, start: int = 0) -> array[int]:
+    def matching(self, predicate: Predicate, start: int = 0, end: int | None = None
+                 ) -> array[int]:
+        """Rows in [start, end) that the predicate accepts; safe to call from a thread
+        while the UI appends (rows below `end` no longer change, except a finding
+        landing on one)."""
         out = array("q")
-        for row in range(start, len(self.records)):
+        for row in range(start, len(self.records) if end is None else end):
             if predicate(self.view(row)):
                 out.append(row)
         return out
