@@ -449,7 +449,8 @@ class BitmapTracker:
                     f"bitmap '{key[1]}' granularity ({dest_granularity})\""))
         state = self._state(key, record)
         state.started_at = record.offset
-        state.bitmap_flags = flags
+        # The 2017 byte is a bool (any non-zero enables); there is no persistence bit.
+        state.bitmap_flags = (g.BitmapStartFlag.ENABLED if flags else 0) if draft else flags
         if not _valid_granularity(granularity):
             found.append(self._finding(
                 "invalid-granularity", record,

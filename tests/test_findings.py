@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from analyzer import findings
-from analyzer.analysis import AnalysisOptions
+from analyzer.analysis import AnalysisOptions, MigrationStream
 from analyzer.bitmaps import DestinationContext, Dialect
 from analyzer.mapping import parse_mapping
 from analyzer.records import Finding, Severity
@@ -564,6 +564,11 @@ def test_2017_start_byte_is_an_enabled_flag() -> None:
     finish_ok(s)
     draft = findings_of(s.data(), AnalysisOptions(dialect=Dialect.DRAFT_2017))
     assert_finding(draft, "unknown-flags", W, odd)
+    stream = MigrationStream("t", AnalysisOptions(dialect=Dialect.DRAFT_2017))
+    stream.feed(s.data())
+    stream.finish()
+    (bitmap,) = stream.result()["bitmaps"]
+    assert (bitmap["enabled"], bitmap["persistent"]) == (True, False)
     assert {"reserved-start-flags", "autoload-flag"}.isdisjoint(codes(draft))
     qemu = findings_of(s.data())
     assert_finding(qemu, "reserved-start-flags", E, odd)
