@@ -218,7 +218,10 @@ def test_bitmaps_view_table_map_and_filter_to_one(demo: Path) -> None:
         assert disk_map.snapshot is not None and disk_map.snapshot.label == "drive0/inc0"
         cells = disk_map.snapshot.cells
         assert set(cells) == {"d", "c"}  # runs of dirty granules, all received
-        await pilot.press("down")
+        await pilot.click(DataTable, offset=(2, 3))  # a click shows that bitmap's map
+        assert isinstance(app.screen, BitmapsScreen)
+        assert disk_map.snapshot is not None and disk_map.snapshot.label == "drive1/sync"
+        await pilot.press("up")
         inc1 = disk_map.snapshot
         assert inc1 is not None and inc1.label == "drive0/inc1"
         # inc1 never got its second chunk: that quarter of the disk is "not received".

@@ -194,7 +194,9 @@ class BitmapsScreen(Screen[None]):
 
     BINDINGS = [
         Binding("escape,b", "close", "Back"),
-        Binding("enter", "filter_bitmap", "Filter records"),
+        # Priority: the table's own Enter (also sent by a mouse click) would select the
+        # row; a click should only show that bitmap's map, Enter filters to it.
+        Binding("enter", "filter_bitmap", "Filter records", priority=True),
         Binding("q", "app.quit", "Quit"),
     ]
     DEFAULT_CSS = """
@@ -249,10 +251,6 @@ class BitmapsScreen(Screen[None]):
     @on(DataTable.RowHighlighted)
     def highlighted(self) -> None:
         self.show_map()
-
-    @on(DataTable.RowSelected)
-    def selected_row(self) -> None:
-        self.action_filter_bitmap()
 
     def action_filter_bitmap(self) -> None:
         snap = self.selected()
