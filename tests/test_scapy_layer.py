@@ -112,24 +112,26 @@ def test_bind_port_dissects_tcp_payloads() -> None:
     assert "DirtyBitmap START drive0/b0" in frame[DirtyBitmapRecord].summary()
 
 
-def _real_capture(tmp_path: Path) -> tuple[Path, int]:
-    """A real postcopy capture (few RAM iterations, so it decodes fast) and its port."""
+def _real_capture(tmp_path: Path) -> tuple[Path, int, dict]:
+    """A real postcopy capture (few RAM iterations, so it decodes fast), its port and
+    QEMU's ground truth."""
     stored = CAPTURES / "real" / "postcopy.pcap"
     truth = stored.with_suffix(".json")
     if stored.exists() and truth.exists():
-        return stored, json.loads(truth.read_text())["port"]
+        ground_truth = json.loads(truth.read_text())
+        return stored, ground_truth["port"], ground_truth
     require_root()
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
     from tests.realqemu.harness import PRESETS, run_migration
 
     result = run_migration(PRESETS["postcopy"], tmp_path, timeout=30)
     assert result.pcap is not None and result.port is not None
-    return result.pcap, result.port
+    return result.pcap, result.port, result.ground_truth
 
 
 @pytest.mark.qemu
 def test_real_qemu_records_dissect_identically(tmp_path: Path) -> None:
-    path, port = _real_capture(tmp_path)
+    path, port, _ = _real_capture(tmp_path)
     records: list[Record] = []
 
     eos_kept = [0]
@@ -164,3 +166,21 @@ def test_real_qemu_records_dissect_identically(tmp_path: Path) -> None:
         assert "dirty bitmap record" in shown
         if record.bitmap and record.fields.get("bitmap_name"):
             assert record.bitmap in shown
+
+
+@pytest.mark.qemu
+def test_scapy_users_see_bitmap_records_in_a_real_capture(tmp_path: Path) -> None:
+    """What the module docstring promises: bind_port, read packets, find the records."""
+    from scapy.utils import rdpcap
+
+    path, port, truth = _real_capture(tmp_path)
+    bind_port(port)
+    starts = [pkt[DirtyBitmapRecord] for pkt in rdpcap(str(path))
+              if pkt.haslayer(QemuSectionStart) and pkt.haslayer(DirtyBitmapRecord)]
+    assert starts, "the setup segment carries the dirty-bitmap START section"
+    names = set()
+    record = starts[0]
+    while isinstance(record, DirtyBitmapRecord) and record_kind(record) == "start":
+        names.add(record.bitmap_name.decode())
+        record = record.payload
+    assert names == {b["name"] for b in truth["bitmaps"]}
