@@ -213,6 +213,7 @@ class LiveCapture:
             "shut_code": return_path.shut_code if return_path else None,
         }
         summary["kernel"] = {"packets": self.packets_total, "drops": self.drops_total}
+        summary["multifd_channels"] = sorted(str(flow) for flow in self.demux.multifd)
         if self.args.json:
             self.out.write(json.dumps(summary) + "\n")
         else:

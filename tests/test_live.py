@@ -217,6 +217,22 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
     assert report["return_path"] == {"messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
+@pytest.mark.qemu
+def test_live_labels_real_multifd_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    from tests.realqemu import harness
+
+    def caps_with_multifd(qmp: harness.QMPClient) -> None:
+        qmp.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": name, "state": True}
+            for name in ("dirty-bitmaps", "events", "multifd")])
+
+    monkeypatch.setattr(harness, "_set_caps", caps_with_multifd)
+    report = _sniff_real_migration(tmp_path, "precopy")
+    # QEMU 7.2 opens multifd-channels (default 2) extra connections to the same port
+    assert len(report["multifd_channels"]) == 2
+
+
 def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPatch) -> None:
     from analyzer.live import LiveCapture
 
