@@ -28,6 +28,12 @@ from dissectors import grammar as g
 
 _RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
 _parse_bitmap_head = g.compiled(g.BitmapRecordHead).parse
+_BF_ZEROES, _BF_EOS = int(g.BitmapFlag.ZEROES), int(g.BitmapFlag.EOS)
+_BF_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
+_BITMAP_KIND_NAMES = {kind.value: "bitmap-" + kind.label for kind in g.RecordKind}
+# Heads the grammar parsed to a single byte (EOS, COMPLETE without names...) depend
+# on that byte alone; real streams repeat them by the thousand (idle iterations).
+_ONE_BYTE_HEADS: dict[int, Any] = {}
 _parse_section_short = g.compiled(g.SectionHeaderShort).parse
 _parse_section_full = g.compiled(g.SectionHeaderFull).parse
 _parse_footer = g.compiled(g.SectionFooter).parse
@@ -982,14 +988,20 @@ class StreamDecoder:
         eos_check = self._missing_eos_here()
         if eos_check is not None:
             return eos_check or None
-        head_probe = min(avail, g.BITMAP_RECORD_HEAD_MAX)
-        try:
-            head = _parse_bitmap_head(bytes(self._buf[self._pos : self._pos + head_probe]))
-        except (ConstructError, struct.error):  # compiled parsers raise struct.error
-            if avail >= g.BITMAP_RECORD_HEAD_MAX:
-                raise  # cannot happen: the head is never longer than its bound
-            return self._short(avail + 1, "a dirty-bitmap record")
-        head_len = _bitmap_head_length(head)
+        head = _ONE_BYTE_HEADS.get(self._buf[self._pos])
+        if head is not None:
+            head_len = 1
+        else:
+            head_probe = min(avail, g.BITMAP_RECORD_HEAD_MAX)
+            try:
+                head = _parse_bitmap_head(bytes(self._buf[self._pos : self._pos + head_probe]))
+            except (ConstructError, struct.error):  # compiled parsers raise struct.error
+                if avail >= g.BITMAP_RECORD_HEAD_MAX:
+                    raise  # cannot happen: the head is never longer than its bound
+                return self._short(avail + 1, "a dirty-bitmap record")
+            head_len = _bitmap_head_length(head)
+            if head_len == 1:
+                _ONE_BYTE_HEADS[self._buf[self._pos]] = head
         total = head_len
         if head.buffer_size is not None:
             if head.buffer_size > MAX_SKIPPED_BITMAP_BUFFER:
@@ -1079,7 +1091,7 @@ class StreamDecoder:
             self._bm_node = head.device_name
         if head.bitmap_name is not None:
             self._bm_name = head.bitmap_name
-        kind = "bitmap-" + g.RecordKind(head.kind).label
+        kind = _BITMAP_KIND_NAMES[head.kind]
         fields: dict[str, Any] = {
             "flags": flags,
             "flags_width": head.flags.width,
@@ -1097,12 +1109,12 @@ class StreamDecoder:
         if head.bits is not None:
             fields["first_sector"] = head.bits.first_sector
             fields["sector_count"] = head.bits.sector_count
-            fields["zeroes"] = bool(flags & g.BitmapFlag.ZEROES)
+            fields["zeroes"] = bool(flags & _BF_ZEROES)
         if head.buffer_size is not None:
             fields["buffer_size"] = head.buffer_size
         length = head_len + (head.buffer_size or 0)
         record = self._record(kind, start, start + length, **fields)
-        nothing = flags == flags & g.BitmapFlag.EOS
+        nothing = flags == flags & _BF_EOS
         if not nothing:
             record.node = self._bm_node
             record.bitmap = self._bm_name
@@ -1115,7 +1127,7 @@ class StreamDecoder:
                 f"{head.flags.wire_value:#x}); a QEMU destination keeps only the last byte "
                 f"and acts on {flags:#04x} ({'|'.join(_flag_names(flags)) or 'none'})",
                 start, length=head.flags.width, section=section))
-        if flags & g.BitmapFlag.EXTRA_FLAGS:
+        if flags & _BF_EXTRA:
             self._emit(findings.make(
                 "unknown-flags", f"the last flags byte {flags:#04x} has bit 0x80 set, which "
                 "means nothing there", start, section=section))
@@ -1137,7 +1149,7 @@ class StreamDecoder:
                 del self._events[first_event:]
         elif buffer is not None:
             self._pos += len(buffer)
-        if flags & g.BitmapFlag.EOS:
+        if flags & _BF_EOS:
             self._bm_saw_eos = True
             self._end_payload()
         return None
