@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from analyzer.records import Finding, Record
 from analyzer.returnpath import (
@@ -95,3 +97,33 @@ def test_bad_bitmap_ending_truncation_and_gap() -> None:
     assert [(e.code, e.offset, e.length) for e in gap] == [("capture-gap", 1, 10)]
     assert decoder.feed(build_message(M.PONG, b"\0\0\0\1")) == []
     assert decoder.finish() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600), chunk=st.integers(min_value=1, max_value=64))
+def test_any_bytes_decode_without_exceptions_and_records_tile(data: bytes, chunk: int) -> None:
+    events = _decode(data, chunk)
+    records = [e for e in events if isinstance(e, Record)]
+    position = 0
+    for record in records:
+        assert record.offset == position
+        position = record.end
+    assert position <= len(data)
+    # whatever is left over is reported, never silently dropped
+    codes = [e.code for e in events if isinstance(e, Finding)]
+    if position < len(data) and "capture-truncated" not in codes:
+        assert "bad-return-path" in codes
+
+
+def test_garbage_through_the_proxy_analysis_is_findings_not_exceptions() -> None:
+    from analyzer.analysis import AnalysisOptions
+    from analyzer.proxy import BACKWARD, FORWARD, ConnectionAnalysis
+
+    analysis = ConnectionAnalysis("garbage", AnalysisOptions())
+    analysis.data(FORWARD, b"GET / HTTP/1.1\r\n\r\n" * 10)
+    analysis.data(BACKWARD, b"\x00\x2a\x00\x01X" * 8)  # type 42: unknown to QEMU
+    analysis.end()
+    result = analysis.result("test")
+    assert result is not None
+    codes = {f["code"] for f in result["findings"]}
+    assert "bad-magic" in codes and "bad-return-path" in codes
