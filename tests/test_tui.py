@@ -20,7 +20,7 @@ from analyzer.records import Finding, Record, Severity
 from tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from tui.demo import build_demo_stream, write_demo_stream
 from tui.fields import field_ranges, rebuild_bytes
-from tui.model import Batch, Deliver, Store, snapshot_tracker
+from tui.model import Batch, Batcher, Deliver, Store, snapshot_tracker
 from tui.widgets import DiskMap, HexView, RecordList
 
 Scenario = Callable[[MigsharkApp, Pilot[None]], Awaitable[None]]
@@ -515,6 +515,7 @@ class CaptureReplaySource:
             segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
             if segment is not None:
                 demux.segment(segment)
+            batcher.flush_if_due()
         demux.finish()
         reader.close()
         batcher.flush(final=True)
@@ -539,3 +540,22 @@ def test_a_live_style_source_shows_what_the_file_shows() -> None:
         assert app.analysis is None
 
     drive(MigsharkApp(CaptureReplaySource(capture)), scenario)
+
+
+def test_batcher_hands_over_pending_events_when_due() -> None:
+    delivered: list[Batch] = []
+    batcher = Batcher(delivered.append, threading.Event())
+    record = Record(offset=0, length=8, kind="file-header")
+
+    class FakeStream:
+        name = "s"
+        tracker = BitmapTracker()
+
+    batcher(FakeStream(), record)  # type: ignore[arg-type]
+    batcher.flush_if_due()
+    assert delivered == [] or delivered[0].events == [("s", record)]
+    batcher.last_flush -= 1.0  # as if the live capture had been quiet for a second
+    batcher.flush_if_due()
+    assert [event for batch in delivered for event in batch.events] == [("s", record)]
+    batcher.flush_if_due()  # nothing pending: no empty batches
+    assert len(delivered) == 1

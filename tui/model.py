@@ -165,6 +165,12 @@ class Batcher:
             out += snapshot_tracker(stream.name, stream.tracker)
         return out
 
+    def flush_if_due(self) -> None:
+        """For live sources: hand over what is pending once it is BATCH_SECONDS old,
+        so that the last events before a quiet period do not wait for the next one."""
+        if self.pending and time.monotonic() - self.last_flush >= BATCH_SECONDS:
+            self.flush()
+
     def flush(self, final: bool = False) -> None:
         bitmaps = self.snapshots() if (self.bitmaps_dirty or final) else None
         self.bitmaps_dirty = False
