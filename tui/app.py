@@ -64,7 +64,7 @@ HELP_TEXT = """\
   fields: kind section bitmap node offset length severity code no time
           granularity first_sector sector_count zeroes buffer_size idstr ...
   bitmap == "inc0" and kind == BITS      severity >= warning
-  section == ram      node == "drive0"   offset > 1000   not kind == ram-pages
+  section == ram   node == "drive0"   offset > 1000   not kind == ram-pages
 """
 
 
