@@ -26,6 +26,8 @@ from tui.filter import Predicate, RowView
 MAP_CELLS = 4096
 BATCH_EVENTS = 2000
 BATCH_SECONDS = 0.1
+# The first screenful matters most: the first batch leaves as soon as it would fill one.
+FIRST_BATCH_EVENTS = 50
 
 
 # --- bitmap snapshots --------------------------------------------------------
@@ -147,6 +149,7 @@ class Batcher:
         self.streams: dict[int, MigrationStream] = {}
         self.last_flush = time.monotonic()
         self.bitmaps_dirty = False
+        self.first = True
 
     def __call__(self, stream: MigrationStream, event: Event) -> None:
         if self.stop.is_set():
@@ -155,7 +158,7 @@ class Batcher:
         self.pending.append((stream.name, event))
         if not isinstance(event, Record) or event.kind.startswith("bitmap-"):
             self.bitmaps_dirty = True
-        if (len(self.pending) >= BATCH_EVENTS
+        if (len(self.pending) >= (FIRST_BATCH_EVENTS if self.first else BATCH_EVENTS)
                 or time.monotonic() - self.last_flush >= BATCH_SECONDS):
             self.flush()
 
@@ -177,6 +180,7 @@ class Batcher:
         progress = 1.0 if final else (self.progress() if self.progress else None)
         batch = Batch(self.pending, bitmaps, progress)
         self.pending = []
+        self.first = False
         self.deliver(batch)
         self.last_flush = time.monotonic()
 
