@@ -559,3 +559,14 @@ def test_batcher_hands_over_pending_events_when_due() -> None:
     assert [event for batch in delivered for event in batch.events] == [("s", record)]
     batcher.flush_if_due()  # nothing pending: no empty batches
     assert len(delivered) == 1
+
+
+def test_the_analyzer_does_not_load_the_tui() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, analyzer.cli, analyzer.analysis; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tui', 'textual')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"
