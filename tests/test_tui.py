@@ -208,7 +208,7 @@ def test_bitmaps_view_table_map_and_filter_to_one(demo: Path) -> None:
         assert isinstance(screen, BitmapsScreen)
         table = screen.query_one(DataTable)
         assert table.row_count == 3
-        rows = [table.get_row_at(i) for i in range(3)]
+        rows = [[str(cell) for cell in table.get_row_at(i)] for i in range(3)]
         for row in rows:
             expected = truth[(row[0], row[1])]
             assert row[-1] == (expected["sha256"] or "-")
@@ -396,7 +396,7 @@ def test_usable_while_loading_with_progress(demo: Path) -> None:
                     break
                 await pilot.pause(0.05)
             assert disk_map.snapshot is not None and "d" in disk_map.snapshot.cells
-            assert screen.query_one(DataTable).get_row_at(0)[7] == "reconstructed"
+            assert str(screen.query_one(DataTable).get_row_at(0)[7]) == "reconstructed"
             await pilot.press("escape", "e")
             groups = [str(node.label) for node in app.screen.query_one(Tree).root.children]
             assert groups[0] == "warning (2)"
@@ -570,3 +570,40 @@ def test_the_analyzer_does_not_load_the_tui() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path: Path) -> None:
+    from dissectors import grammar as g
+
+    node, name = "[/red]", "[bold]x[/]"
+    stream = b"".join([
+        g.build_file_header(),
+        g.build_section_start(g.ItemType.SECTION_START, 1, g.DIRTY_BITMAP_SECTION_IDSTR, 0, 1),
+        g.bitmap_record(g.BitmapFlag.START, device_name=node, bitmap_name=name,
+                        granularity=65536, bitmap_flags=1),
+        g.bitmap_record(g.BitmapFlag.EOS),
+        g.build_footer(1),
+        g.build_eof(),
+    ])
+    path = tmp_path / "[red]odd.bin"
+    path.write_bytes(stream)
+
+    async def scenario(app: MigsharkApp, pilot: Pilot[None]) -> None:
+        row = next(i for i, r in enumerate(app.store.records) if r.kind == "bitmap-start")
+        assert records_list(app).select_row(row)
+        await pilot.pause()
+        labels = [str(n.label) for n in app.main.query_one("#detail", Tree).root.children[1]
+                  .children]
+        assert f"device_name: {node}  [0x{app.store.records[row].offset + 1:x}+7]" in labels
+        assert "[red]odd.bin" in str(app.main.query_one("#status", Static).render())
+        await pilot.press("e")  # incomplete-bitmap names the bitmap in its message
+        assert any(name in str(leaf.label) for group in app.screen.query_one(Tree).root.children
+                   for leaf in group.children)
+        await pilot.press("escape", "b")
+        assert [str(c) for c in app.screen.query_one(DataTable).get_row_at(0)][:2] == [node, name]
+        await pilot.press("escape")
+        app.main.query_one("#filter", Input).value = 'kind == BITS "[/red]"'
+        await pilot.pause()
+        assert "[/red]" in str(app.main.query_one("#filter-error", Static).render())
+
+    drive(MigsharkApp.for_path(path), scenario)

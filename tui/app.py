@@ -100,7 +100,7 @@ class FindingsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static("", id="findings-title")
         yield Static("No findings.", id="no-findings")
-        tree: Tree[tuple[str, Finding] | None] = Tree("findings", id="findings-tree")
+        tree = PlainTree("findings", id="findings-tree")
         tree.show_root = False
         yield tree
         yield Footer()
@@ -121,8 +121,8 @@ class FindingsScreen(Screen[None]):
         self.shown_count = len(self.store.findings)
         shown = [(s, f) for s, f in self.store.findings if f.code != "phase"]
         phases = [(s, f) for s, f in self.store.findings if f.code == "phase"]
-        self.query_one("#findings-title", Static).update(
-            f" Findings: {len(shown)}   Enter: go to the record   Esc: back")
+        self.query_one("#findings-title", Static).update(Text(
+            f" Findings: {len(shown)}   Enter: go to the record   Esc: back"))
         self.query_one("#no-findings").display = not shown
         tree: Tree[tuple[str, Finding] | None] = self.query_one(Tree)
         tree.display = bool(shown or phases)
@@ -155,6 +155,15 @@ class FindingsScreen(Screen[None]):
 
     def action_close(self) -> None:
         self.dismiss(None)
+
+
+class PlainTree(Tree[Any]):
+    """A Tree whose str labels are plain text: names and messages come from the
+    stream, and a bitmap called "[/red]" must not be read as markup."""
+
+    def process_label(self, label: str | Text) -> Text:
+        text = Text(label) if isinstance(label, str) else label
+        return text.split()[0]
 
 
 def _move_tree_cursor(tree: Tree[Any], line: int) -> None:
@@ -234,7 +243,7 @@ class BitmapsScreen(Screen[None]):
         self.snapshots = list(self.store.bitmaps)
         table.clear()
         for index, snap in enumerate(self.snapshots):
-            table.add_row(*bitmap_row(snap), key=str(index))
+            table.add_row(*(Text(cell) for cell in bitmap_row(snap)), key=str(index))
         if self.snapshots:
             table.move_cursor(row=min(max(cursor, 0), len(self.snapshots) - 1))
         self.show_map()
@@ -360,7 +369,7 @@ class MigsharkApp(App[None]):
         yield Static("", id="filter-error")
         yield Static(header_text(), id="columns")
         yield RecordList(self.store, id="records")
-        tree: Tree[tuple[int, int] | None] = Tree("No record selected", id="detail")
+        tree = PlainTree("No record selected", id="detail")
         yield tree
         yield HexView(id="hex-pane")
         yield Footer()
@@ -450,7 +459,8 @@ class MigsharkApp(App[None]):
         self.loading = False
         self.main.query_one("#progress").display = False
         if self.error:
-            self.notify(self.error, title="cannot decode", severity="error", timeout=10)
+            self.notify(self.error, title="cannot decode", severity="error", timeout=10,
+                        markup=False)
         self.update_status()
         self.loaded.set()
 
@@ -484,7 +494,7 @@ class MigsharkApp(App[None]):
             parts.append("PAUSED")
         if listing.follow:
             parts.append("follow")
-        self.main.query_one(StatusLine).update(" | ".join(parts))
+        self.main.query_one(StatusLine).update(Text(" | ".join(parts)))
 
     # --- selection: detail tree and hex --------------------------------------
 
@@ -555,7 +565,7 @@ class MigsharkApp(App[None]):
         except FilterError as error:
             box.set_class(True, "-invalid")
             box.set_class(False, "-valid")
-            message.update(f" invalid filter at {error.position + 1}: {error}")
+            message.update(Text(f" invalid filter at {error.position + 1}: {error}"))
             message.set_class(True, "-shown")
             message.set_class(False, "-hint")
             return
@@ -591,7 +601,7 @@ class MigsharkApp(App[None]):
         try:
             predicate = parse_filter(text)
         except FilterError as error:
-            self.notify(f"invalid filter: {error}", severity="error")
+            self.notify(f"invalid filter: {error}", severity="error", markup=False)
             return False
         self.predicate = predicate
         self.filter_text = text.strip()
@@ -670,7 +680,7 @@ class MigsharkApp(App[None]):
     def jump_to_finding(self, stream: str, finding: Finding) -> None:
         row = self.store.row_for_finding(stream, finding)
         if row is None:
-            self.notify(f"no record at {finding.offset:#x}", severity="warning")
+            self.notify(f"no record at {finding.offset:#x}", severity="warning", markup=False)
             return
         listing = self.main.query_one(RecordList)
         if not listing.select_row(row):
@@ -694,15 +704,15 @@ class MigsharkApp(App[None]):
 
     def action_export_json(self) -> None:
         if self.analysis is None:
-            self.notify("the analysis is not finished yet", severity="warning")
+            self.notify("the analysis is not finished yet", severity="warning", markup=False)
             return
         path = self._export_path(".migshark.json")
         try:
             path.write_text(json.dumps(self.analysis, indent=2) + "\n")
         except OSError as error:
-            self.notify(f"cannot write {path}: {error.strerror}", severity="error")
+            self.notify(f"cannot write {path}: {error.strerror}", severity="error", markup=False)
             return
-        self.notify(f"analysis written to {path}", title="export")
+        self.notify(f"analysis written to {path}", title="export", markup=False)
 
     def action_export_text(self) -> None:
         path = self._export_path(".records.txt")
@@ -714,9 +724,9 @@ class MigsharkApp(App[None]):
                 for row in rows:
                     out.write(format_event_line(row + 1, self.store.records[row]) + "\n")
         except OSError as error:
-            self.notify(f"cannot write {path}: {error.strerror}", severity="error")
+            self.notify(f"cannot write {path}: {error.strerror}", severity="error", markup=False)
             return
-        self.notify(f"{len(rows)} records written to {path}", title="export")
+        self.notify(f"{len(rows)} records written to {path}", title="export", markup=False)
 
     async def action_quit(self) -> None:
         self._stop.set()
