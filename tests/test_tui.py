@@ -607,3 +607,40 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path: Path) -> No
         assert "[/red]" in str(app.main.query_one("#filter-error", Static).render())
 
     drive(MigsharkApp.for_path(path), scenario)
+
+
+def test_undecodable_and_control_bytes_in_names_never_reach_the_terminal(tmp_path: Path
+                                                                         ) -> None:
+    from dissectors import grammar as g
+    from tui.widgets import safe_text
+
+    node = b"dr\xff\x1b[2J".decode("utf-8", "surrogateescape")
+    assert safe_text(node) == "dr\\xff\\x1b[2J"
+    stream = b"".join([
+        g.build_file_header(),
+        g.build_section_start(g.ItemType.SECTION_START, 1, g.DIRTY_BITMAP_SECTION_IDSTR, 0, 1),
+        g.bitmap_record(g.BitmapFlag.START, device_name=node, bitmap_name="b",
+                        granularity=65536, bitmap_flags=1),
+        g.bitmap_record(g.BitmapFlag.EOS), g.build_footer(1), g.build_eof(),
+    ])
+    path = write_bytes(tmp_path / "odd.bin", stream)
+
+    async def scenario(app: MigsharkApp, pilot: Pilot[None]) -> None:
+        row = next(i for i, r in enumerate(app.store.records) if r.kind == "bitmap-start")
+        assert records_list(app).select_row(row)
+        await pilot.pause()
+        await pilot.press("b")
+        await pilot.pause()
+        screenshot = app.export_screenshot()
+        assert "\x1b[2J" not in screenshot and "\udcff" not in screenshot
+        assert "dr\\xff\\x1b[2J" in screenshot
+        await pilot.press("escape", "e")
+        await pilot.pause()
+        assert "\x1b[2J" not in app.export_screenshot()
+
+    drive(MigsharkApp.for_path(path), scenario)
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path

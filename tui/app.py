@@ -31,7 +31,7 @@ from analyzer.records import Event, Finding, Severity
 from tui.fields import ByteSource, field_ranges
 from tui.filter import FilterError, Predicate, parse_filter
 from tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, Store
-from tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text
+from tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text, safe_text
 
 QUEUE_BATCHES = 8
 FILTER_IN_THREAD_ROWS = 200_000
@@ -138,7 +138,7 @@ class FindingsScreen(Screen[None]):
             branch = tree.root.add(f"{label} ({len(group)})", expand=True)
             for stream, finding in sorted(group, key=lambda item: item[1].offset):
                 where = f"{finding.offset:#010x}"
-                text = Text(f"{where}  {finding.code}: {finding.message}")
+                text = Text(safe_text(f"{where}  {finding.code}: {finding.message}"))
                 branch.add_leaf(text, data=(stream, finding))
         if line > 0:
             _move_tree_cursor(tree, line)
@@ -162,7 +162,7 @@ class PlainTree(Tree[Any]):
     stream, and a bitmap called "[/red]" must not be read as markup."""
 
     def process_label(self, label: str | Text) -> Text:
-        text = Text(label) if isinstance(label, str) else label
+        text = Text(safe_text(label)) if isinstance(label, str) else label
         return text.split()[0]
 
 
@@ -243,7 +243,8 @@ class BitmapsScreen(Screen[None]):
         self.snapshots = list(self.store.bitmaps)
         table.clear()
         for index, snap in enumerate(self.snapshots):
-            table.add_row(*(Text(cell) for cell in bitmap_row(snap)), key=str(index))
+            table.add_row(*(Text(safe_text(cell)) for cell in bitmap_row(snap)),
+                          key=str(index))
         if self.snapshots:
             table.move_cursor(row=min(max(cursor, 0), len(self.snapshots) - 1))
         self.show_map()
@@ -494,7 +495,7 @@ class MigsharkApp(App[None]):
             parts.append("PAUSED")
         if listing.follow:
             parts.append("follow")
-        self.main.query_one(StatusLine).update(Text(" | ".join(parts)))
+        self.main.query_one(StatusLine).update(Text(safe_text(" | ".join(parts))))
 
     # --- selection: detail tree and hex --------------------------------------
 

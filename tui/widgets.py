@@ -53,6 +53,18 @@ COLUMNS = (("No.", 6), ("Offset", 10), ("Time", 9), ("Section", 12), ("Kind", 15
            ("Bitmap", 14))
 
 
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
+def safe_text(text: str) -> str:
+    """What a terminal may be sent: names from the stream can hold undecodable bytes
+    (kept as surrogates) and control characters (an ESC would drive the terminal)."""
+    if text.isprintable() and text.isascii():
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
 def record_style(record: Record, severity: Severity | None) -> Style:
     if severity in SEVERITY_STYLES and severity is not Severity.NOTE:
         return SEVERITY_STYLES[severity]
@@ -79,7 +91,7 @@ def format_row(number: int, record: Record, first_time: float | None) -> str:
     parts = []
     for (_, width), cell in zip(COLUMNS, cells, strict=True):
         parts.append(cell[:width].ljust(width) if len(cell) <= width else cell[: width - 1] + "…")
-    return " ".join(parts) + " " + record_info(record)
+    return safe_text(" ".join(parts) + " " + record_info(record))
 
 
 class RecordList(ScrollView, can_focus=True):
@@ -329,14 +341,15 @@ class DiskMap(Widget):
             return text
         summary = snap.summary
         if not snap.cells:
-            text.append(f"{snap.label}: no BITS received yet, the disk size is unknown.")
+            text.append(f"{safe_text(snap.label)}: no BITS received yet, the disk size is unknown.")
             return text
         width = max(1, self.size.width)
         rows = max(1, self.size.height - 1)
         cells = _resample(snap.cells, width * rows, width)
         per = snap.sectors_per_cell * len(snap.cells) / max(1, len(cells))
         disk = summary["end_sector"] * 512
-        text.append(f"{snap.label} {_size(disk)}, {_size(int(per * 512))}/cell ", style="bold")
+        text.append(f"{safe_text(snap.label)} {_size(disk)}, {_size(int(per * 512))}/cell ",
+                    style="bold")
         for key, label in (("d", "dirty"), ("c", "clean"), ("m", "missing")):
             glyph, style = MAP_GLYPHS[key]
             text.append(glyph, style=style)
