@@ -94,3 +94,13 @@ def test_any_text_parses_or_is_a_filter_error(text: str) -> None:
     if predicate is not None:
         for r in ROWS:
             assert predicate(r) in (True, False)
+
+
+def test_deep_nesting_is_an_error_not_a_recursion_crash() -> None:
+    with pytest.raises(FilterError, match="nested"):
+        parse_filter("(" * 5000 + "kind == BITS" + ")" * 5000)
+    with pytest.raises(FilterError, match="nested"):
+        parse_filter("not " * 5000 + "kind == BITS")
+    predicate = parse_filter("(" * 60 + "not " * 3 + "kind == start" + ")" * 60)
+    assert predicate is not None and [r for r in ROWS if predicate(r)] == [
+        r for r in ROWS if r.record.kind != "bitmap-start"]

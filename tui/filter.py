@@ -60,6 +60,7 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt, ">=": operator.ge,
 }
 _KEYWORDS = {"and", "or", "not", "contains"}
+MAX_NESTING = 64
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
@@ -112,6 +113,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self.tokens = tokenize(text)
         self.index = 0
+        self.depth = 0
 
     @property
     def current(self) -> Token:
@@ -148,16 +150,26 @@ class _Parser:
 
     def parse_not(self) -> Predicate:
         if self.current.kind == "not":
-            self.take()
+            token = self.take()
+            self.enter(token)
             inner = self.parse_not()
+            self.depth -= 1
             return lambda row: not inner(row)
         return self.parse_primary()
+
+    def enter(self, token: Token) -> None:
+        # Nesting is recursion, here and when the predicate runs: bound it.
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise FilterError(f"nested more than {MAX_NESTING} deep", token.position)
 
     def parse_primary(self) -> Predicate:
         token = self.current
         if token.kind == "(":
             self.take()
+            self.enter(token)
             inner = self.parse_or()
+            self.depth -= 1
             if self.current.kind != ")":
                 raise FilterError("missing ')'", self.current.position)
             self.take()
