@@ -185,17 +185,20 @@ def _human(value: int | None) -> str:
 
 
 def bitmap_row(snap: BitmapSnapshot) -> tuple[str, ...]:
+    # .get: a summary key the analyzer drops or renames costs a "?", not the UI.
     s = snap.summary
-    name = s["name"]
-    node = s["node"]
-    if (s["real_node"], s["real_name"]) != (node, name):
-        name += f" (= {s['real_node']}/{s['real_name']})"
-    flags = ("E" if s["enabled"] else "-") + ("P" if s["persistent"] else "-")
-    end = s["end_sector"]
-    coverage = f"{100 * s['coverage_sectors'] / end:.0f}%" if end else "-"
-    status = s["status"] if s["sha256"] else (s["reason"] or s["status"])
-    return (node, name, str(s["granularity"] or "?"), flags, _human(s["disk_size"]), coverage,
-            _human(s["dirty_bytes"]), status, s["sha256"] or "-")
+    name = str(s.get("name"))
+    node = str(s.get("node"))
+    real = (s.get("real_node", node), s.get("real_name", name))
+    if real != (node, name):
+        name += f" (= {real[0]}/{real[1]})"
+    flags = ("E" if s.get("enabled") else "-") + ("P" if s.get("persistent") else "-")
+    end = s.get("end_sector") or 0
+    coverage = f"{100 * s.get('coverage_sectors', 0) / end:.0f}%" if end else "-"
+    sha = s.get("sha256")
+    status = str(s.get("status", "?")) if sha else str(s.get("reason") or s.get("status", "?"))
+    return (node, name, str(s.get("granularity") or "?"), flags, _human(s.get("disk_size")),
+            coverage, _human(s.get("dirty_bytes")), status, sha or "-")
 
 
 class BitmapsScreen(Screen[None]):
