@@ -484,10 +484,10 @@ class MigsharkApp(App[None]):
         listing = self.main.query_one(RecordList)
         shown = listing.row_count
         total = len(self.store)
-        findings = sum(1 for _, f in self.store.findings if f.code != "phase")
+        findings = self.store.problems
         parts = [f" {self.source_name}"]
         parts.append(f"{shown:,}/{total:,} records" if self.predicate else f"{total:,} records")
-        parts.append(f"{findings} findings")
+        parts.append(f"{findings} finding" + ("" if findings == 1 else "s"))
         if self.error:
             parts.append(f"ERROR: {self.error}")
         elif self.loading:

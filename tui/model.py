@@ -286,6 +286,7 @@ class Store:
     codes: dict[int, tuple[str, ...]] = field(default_factory=dict)
     bitmaps: list[BitmapSnapshot] = field(default_factory=list)
     bitmaps_version: int = 0
+    problems: int = 0  # findings other than phase notes
     first_time: float | None = None
     _by_stream: dict[str, tuple[array[int], array[int]]] = field(default_factory=dict)
     _orphans: list[tuple[str, Finding]] = field(default_factory=list)
@@ -299,6 +300,7 @@ class Store:
             self.findings.append((stream, event))
             if event.code == "phase":
                 return None
+            self.problems += 1
             row = self.row_at(stream, event.offset)
             if row is None:
                 self._orphans.append((stream, event))
