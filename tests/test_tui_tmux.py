@@ -70,7 +70,7 @@ def test_browse_a_real_capture_in_tmux(tmp_path: Path) -> None:
     tmux.start(command)
     try:
         # Open: the whole capture is listed and decoding is over.
-        screen = tmux.wait_for(lambda s: re.search(r"\| \d+ records \| \d+ findings\s*$",
+        screen = tmux.wait_for(lambda s: re.search(r"\| \d+ records \| \d+ findings?\s*$",
                                                    s.splitlines()[0] if s else "") is not None,
                                "the capture to finish loading")
         total = int(re.search(r"(\d+) records", screen).group(1))  # type: ignore[union-attr]
