@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--once", action="store_true", help="exit after the first migration")
     live.add_argument("-w", "--write", metavar="FILE.pcapng", default=None,
                       help="also write the captured frames as pcapng")
+    live.add_argument("--tui", action="store_true",
+                      help="show the capture in the TUI (follow with f, pause with space)")
     live.set_defaults(handler=cmd_live)
 
     proxy = sub.add_parser("proxy", help="forward a migration and analyse it in transit")
@@ -108,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_live(args: argparse.Namespace) -> int:
+    if args.tui:
+        from tui.live import run_live_tui  # the CLI is the one place that wires tui in
+
+        return run_live_tui(args)
     from analyzer.live import run_live  # scapy is slow to import: only when asked for
 
     return run_live(args)
