@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy.add_argument("--json", action="store_true",
                        help="one JSON line per finished migration, shaped like analyze --json")
     proxy.add_argument("--once", action="store_true", help="exit after the first migration")
+    proxy.add_argument("--tui", action="store_true",
+                       help="show the forwarded migration in the TUI")
     proxy.set_defaults(handler=cmd_proxy)
 
     from analyzer.encoder import add_generate_command  # the encoder only loads here
@@ -120,6 +122,10 @@ def cmd_live(args: argparse.Namespace) -> int:
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
+    if args.tui:
+        from tui.proxy import run_proxy_tui
+
+        return run_proxy_tui(args)
     from analyzer.proxy import run_proxy
 
     return run_proxy(args)

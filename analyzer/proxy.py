@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from analyzer import findings
-from analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream
+from analyzer.analysis import AnalysisOptions, AnalysisResult, EventSink, MigrationStream
 from analyzer.records import Event, Finding, Record, Severity
 from analyzer.returnpath import ReturnPathDecoder
 
@@ -256,7 +256,9 @@ class ProxiedConnection:
     """Two forwarding threads and one analysis thread for one accepted connection."""
 
     def __init__(self, number: int, client: socket.socket, target: Address,
-                 options: AnalysisOptions, output: Output, path: str) -> None:
+                 options: AnalysisOptions, output: Output, path: str,
+                 sink: EventSink | None = None) -> None:
+        self.sink = sink
         self.client = client
         self.target = target
         self.output = output
@@ -372,6 +374,9 @@ class ProxiedConnection:
             self.done.set()
 
     def _event(self, stream: MigrationStream | None, event: Event) -> None:
+        if self.sink is not None:
+            self.sink(stream, event)
+            return
         if self.output.as_json or isinstance(event, Record):
             return
         from analyzer.cli import format_event_line
@@ -402,69 +407,99 @@ class ProxiedConnection:
         self.output.line("\n".join(lines))
 
 
-def run_proxy(args: argparse.Namespace) -> int:
+class ProxyServer:
+    """The accept loop: every connection is forwarded and analysed (see module doc).
+
+    `interrupted` ends the loop (Ctrl-C in the CLI, quitting in the TUI); `sink`, when
+    given, receives every event instead of the text output (the TUI's batcher).
+    """
+
+    def __init__(self, listen_at: Address, target: Address, output: Output, *,
+                 once: bool, sink: EventSink | None = None) -> None:
+        self.listen_at = listen_at
+        self.target = target
+        self.output = output
+        self.once = once
+        self.sink = sink
+        self.server = listen(listen_at)  # OSError: the caller says why
+        self.bound = bound_address(self.server, listen_at)
+        self.connections: list[ProxiedConnection] = []
+        self.interrupted = threading.Event()
+
+    def serve(self) -> Severity | None:
+        """Forward until interrupted (or, with once, the first migration ended);
+        the worst severity found, ERROR for a connection that failed outright."""
+        options = AnalysisOptions(keep_buffers=False)
+        # A forwarding thread that wakes up waits for the analysis thread to give up the
+        # GIL; the default 5 ms switch interval would stall the migration that long.
+        sys.setswitchinterval(0.0002)
+        connections = self.connections
+        self.server.settimeout(ACCEPT_POLL)
+        try:
+            while not self.interrupted.is_set():
+                # with --once, multifd channels that connect after the main one are
+                # still accepted until the migration stream itself ends
+                if self.once and connections and connections[0].done.is_set():
+                    break
+                try:
+                    client, _ = self.server.accept()
+                except TimeoutError:
+                    continue
+                client.settimeout(None)
+                connection = ProxiedConnection(len(connections) + 1, client, self.target,
+                                               options, self.output, str(self.bound),
+                                               self.sink)
+                connections.append(connection)
+                connection.start()
+            if self.interrupted.is_set():
+                for connection in connections:
+                    connection.stop()
+        finally:
+            self.server.close()
+            if self.listen_at.kind == "unix":
+                try:
+                    os.unlink(self.listen_at.path)
+                except OSError:
+                    pass
+        worst: Severity | None = None
+        for connection in connections:
+            connection.done.wait()
+            if connection.worst is not None:
+                worst = max(worst or connection.worst, connection.worst)
+            if connection.error and connection.result is None:
+                worst = Severity.ERROR
+        return worst
+
+
+def open_proxy(args: argparse.Namespace, output: Output, sink: EventSink | None = None
+               ) -> ProxyServer | str:
+    """A listening ProxyServer for `--listen`/`--to`, or why there cannot be one."""
     try:
         listen_at = parse_address(args.listen)
         target = parse_address(args.to)
     except AddressError as error:
-        print(f"migshark proxy: {error}", file=sys.stderr)
-        return EXIT_UNUSABLE
+        return str(error)
     try:
-        server = listen(listen_at)
+        return ProxyServer(listen_at, target, output, once=args.once, sink=sink)
     except OSError as error:
-        print(f"migshark proxy: cannot listen on {listen_at}: {error.strerror or error}",
-              file=sys.stderr)
+        return f"cannot listen on {listen_at}: {error.strerror or error}"
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    proxy = open_proxy(args, Output(sys.stdout, args.json))
+    if isinstance(proxy, str):
+        print(f"migshark proxy: {proxy}", file=sys.stderr)
         return EXIT_UNUSABLE
-    output = Output(sys.stdout, args.json)
-    bound = bound_address(server, listen_at)
-    print(f"migshark proxy: listening on {bound}, forwarding to {target}",
+    print(f"migshark proxy: listening on {proxy.bound}, forwarding to {proxy.target}",
           file=sys.stderr, flush=True)
-    options = AnalysisOptions(keep_buffers=False)
-    # A forwarding thread that wakes up waits for the analysis thread to give up the
-    # GIL; the default 5 ms switch interval would stall the migration that long.
-    sys.setswitchinterval(0.0002)
-    connections: list[ProxiedConnection] = []
-    worst: Severity | None = None
+
     # Ctrl-C and SIGTERM only set a flag: an exception raised at an arbitrary point
     # (say, between starting a connection's threads) could leave a connection that
     # never reports. The accept loop notices the flag within ACCEPT_POLL.
-    interrupted = threading.Event()
-
     def request_stop(signum: int, frame: Any) -> None:
-        interrupted.set()
+        proxy.interrupted.set()
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    server.settimeout(ACCEPT_POLL)
-    try:
-        while not interrupted.is_set():
-            # with --once, multifd channels that connect after the main one are still
-            # accepted until the migration stream itself ends
-            if args.once and connections and connections[0].done.is_set():
-                break
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            client.settimeout(None)
-            connection = ProxiedConnection(len(connections) + 1, client, target, options,
-                                           output, str(bound))
-            connections.append(connection)
-            connection.start()
-        if interrupted.is_set():
-            for connection in connections:
-                connection.stop()
-    finally:
-        server.close()
-        if listen_at.kind == "unix":
-            try:
-                os.unlink(listen_at.path)
-            except OSError:
-                pass
-    for connection in connections:
-        connection.done.wait()
-        if connection.worst is not None:
-            worst = max(worst or connection.worst, connection.worst)
-        if connection.error and connection.result is None:
-            worst = Severity.ERROR
+    worst = proxy.serve()
     return EXIT_ERRORS if worst == Severity.ERROR else EXIT_OK

@@ -1,4 +1,4 @@
-"""`migshark live --tui`: a real migration sniffed on lo appears in the app."""
+"""`migshark live --tui` and `proxy --tui`: a real migration appears in the app."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import require_root, require_tools
 from tui.app import MigsharkApp
 from tui.live import LiveSource
+from tui.proxy import ProxySource
 
 
 def _live_args(port: int) -> argparse.Namespace:
@@ -20,9 +21,9 @@ def _live_args(port: int) -> argparse.Namespace:
                               write=None, tui=True)
 
 
-@pytest.mark.qemu
-def test_live_tui_shows_a_real_migration(tmp_path: Path) -> None:
-    require_root()
+def _migrate_into_app(tmp_path: Path, make_source) -> tuple[MigsharkApp, dict]:
+    """Run a real precopy migration whose destination URI `make_source` wraps in an
+    EventSource; drive the app on that source until the source is done."""
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
     from tests.realqemu.harness import PRESETS, run_migration
 
@@ -31,12 +32,11 @@ def test_live_tui_shows_a_real_migration(tmp_path: Path) -> None:
     outcome: dict = {}
 
     def via(dest_uri: str) -> str:
-        source = LiveSource(_live_args(int(dest_uri.rsplit(":", 1)[1])))
-        assert source.open() is None
-        # The socket is open: frames queue in the kernel until the app's worker reads.
+        source, uri = make_source(dest_uri)
+        # The socket is open: bytes wait in the kernel until the app's worker reads.
         apps.append(MigsharkApp(source, title=source.name))
         started.set()
-        return dest_uri
+        return uri
 
     def migrate() -> None:
         try:
@@ -62,15 +62,48 @@ def test_live_tui_shows_a_real_migration(tmp_path: Path) -> None:
     asyncio.run(main())
     thread.join(60)
     assert "error" not in outcome, outcome.get("error")
-    truth = {(b["node"], b["name"]): b for b in outcome["result"].ground_truth["bitmaps"]}
+    return app, outcome["result"].ground_truth
+
+
+def _assert_app_shows_truth(app: MigsharkApp, truth: dict, fmt: str) -> None:
+    expected = {(b["node"], b["name"]): b for b in truth["bitmaps"]}
     shown = {(s.summary["node"], s.summary["name"]): s.summary for s in app.store.bitmaps}
-    assert set(shown) == set(truth)
-    for key, bitmap in truth.items():
+    assert set(shown) == set(expected)
+    for key, bitmap in expected.items():
         assert shown[key]["sha256"] == bitmap["sha256"]
         assert shown[key]["dirty_bytes"] == bitmap["dirty_bytes"]
-    assert app.analysis is not None and app.analysis["format"] == "live"
+    assert app.analysis is not None and app.analysis["format"] == fmt
     kinds = {record.kind for record in app.store.records}
     assert {"bitmap-start", "bitmap-bits", "bitmap-complete"} <= kinds
+
+
+@pytest.mark.qemu
+def test_live_tui_shows_a_real_migration(tmp_path: Path) -> None:
+    require_root()
+
+    def sniff(dest_uri: str) -> tuple[LiveSource, str]:
+        source = LiveSource(_live_args(int(dest_uri.rsplit(":", 1)[1])))
+        assert source.open() is None
+        return source, dest_uri
+
+    app, truth = _migrate_into_app(tmp_path, sniff)
+    _assert_app_shows_truth(app, truth, "live")
+
+
+@pytest.mark.qemu
+def test_proxy_tui_shows_a_real_migration(tmp_path: Path) -> None:
+    def forward(dest_uri: str) -> tuple[ProxySource, str]:
+        args = argparse.Namespace(listen="tcp:127.0.0.1:0", to=dest_uri, once=True,
+                                  json=False, tui=True)
+        source = ProxySource(args)
+        assert source.open() is None
+        assert source.proxy is not None
+        return source, str(source.proxy.bound)
+
+    app, truth = _migrate_into_app(tmp_path, forward)
+    _assert_app_shows_truth(app, truth, "proxy")
+    # The destination got every byte: it holds the bitmaps QEMU's source had.
+    assert all(b["dest_sha256"] == b["sha256"] for b in truth["bitmaps"])
 
 
 def test_live_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,3 +114,12 @@ def test_live_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[st
     assert cli.main(["live", "--tui", "-i", "no-such-if0"]) == 2
     err = capsys.readouterr().err
     assert "no-such-if0" in err and "Traceback" not in err
+
+
+def test_proxy_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[str]) -> None:
+    from analyzer import cli
+
+    # An address it cannot use fails in ProxySource.open(), before the terminal is taken.
+    assert cli.main(["proxy", "--tui", "--listen", "bogus", "--to", "tcp:127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "Traceback" not in err
