@@ -22,7 +22,7 @@ from typing import Any
 from construct import ConstructError
 
 from analyzer import findings
-from analyzer.records import Event, Finding, Record
+from analyzer.records import Event, EventQueue, Finding, Record
 from analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
 from dissectors import grammar as g
 
@@ -92,7 +92,18 @@ def _printable(name: bytes) -> bool:
     return bool(name) and all(0x20 < b < 0x7F for b in name)
 
 
-class StreamDecoder:
+def _plausible_name_at(buf: bytearray, pos: int, limit: int) -> bool | None:
+    """Whether a counted idstr at pos looks like one QEMU writes (None: not enough
+    bytes yet). Used where the decoder has to guess where the next item starts."""
+    if pos >= limit:
+        return None
+    name_end = pos + 1 + buf[pos]
+    if name_end > limit:
+        return None
+    return _printable(bytes(buf[pos + 1 : name_end]))
+
+
+class StreamDecoder(EventQueue):
     """Decode one migration stream direction (source to destination)."""
 
     def __init__(
@@ -115,8 +126,7 @@ class StreamDecoder:
         # Events of a record whose skipped buffer is still arriving: emitted once it
         # has, so that no record claims bytes the decoder has not been fed.
         self._deferred: list[Event] = []
-        self._events: list[Event] = []
-        self._timestamp: float | None = None
+        super().__init__()
         self._state: Callable[[], NeedMore | None] = self._state_header
         self._sections: dict[int, _Section] = {}
         self._current: _Section | None = None
@@ -272,14 +282,6 @@ class StreamDecoder:
             event.length = max(0, min(event.length, end - event.offset))
         self._events.extend(self._deferred)
         self._deferred = []
-
-    def _drain(self) -> list[Event]:
-        events, self._events = self._events, []
-        return events
-
-    def _emit(self, event: Event) -> None:
-        event.timestamp = self._timestamp
-        self._events.append(event)
 
     def _record(self, kind: str, start: int, end: int, **fields: Any) -> Record:
         sec = self._current
@@ -1231,12 +1233,7 @@ class StreamDecoder:
                 return None
             return _BE32.unpack_from(buf, pos + 1)[0] in self._sections
         if item in (g.ItemType.SECTION_FULL, g.ItemType.SECTION_START):
-            if pos + 6 > limit:
-                return None
-            name_len = buf[pos + 5]
-            if pos + 6 + name_len > limit:
-                return None
-            return _printable(bytes(buf[pos + 6 : pos + 6 + name_len]))
+            return _plausible_name_at(buf, pos + 5, limit)
         if item == g.ItemType.COMMAND:
             if pos + 3 > limit:
                 return None
@@ -1336,12 +1333,7 @@ class StreamDecoder:
             if flags & ~_VALID_RAM_FLAGS or not flags:
                 return False
             if flags & (g.RamFlag.PAGE | g.RamFlag.ZERO) and not flags & g.RamFlag.CONTINUE:
-                if body + 9 > end:
-                    return None
-                name_len = buf[body + 8]
-                if body + 9 + name_len > end:
-                    return None
-                return _printable(bytes(buf[body + 9 : body + 9 + name_len]))
+                return _plausible_name_at(buf, body + 8, end)
             return not flags & g.RamFlag.CONTINUE or self._ram_block is not None
         if section.idstr == g.DIRTY_BITMAP_SECTION_IDSTR:
             if body >= end:

@@ -75,3 +75,21 @@ class Finding:
 
 
 Event = Record | Finding
+
+
+class EventQueue:
+    """The sans-IO decoders' outbox: events wait here until the caller's feed() or
+    finish() returns them, each stamped with the capture time of the data fed last."""
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._timestamp: float | None = None
+
+    def _drain(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def _emit(self, event: Event) -> None:
+        event.timestamp = self._timestamp
+        self._events.append(event)
+

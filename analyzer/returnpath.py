@@ -32,7 +32,7 @@ from enum import IntEnum
 from typing import Any
 
 from analyzer import findings
-from analyzer.records import Event, Record
+from analyzer.records import Event, EventQueue, Record
 
 RETURN_PATH_SECTION = "return-path"
 
@@ -82,19 +82,18 @@ def build_recv_bitmap(block: str, bitmap: bytes) -> bytes:
             + _BE64.pack(len(bitmap)) + bitmap + _BE64.pack(RECV_BITMAP_ENDING))
 
 
-class ReturnPathDecoder:
+class ReturnPathDecoder(EventQueue):
     """Incremental: feed() any chunking, get the completed Records and Findings."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self.offset = 0  # stream offset of _buf[0]
-        self._events: list[Event] = []
+        super().__init__()
         self._last_block: str | None = None
         # RECV_BITMAP's trailing bitmap: (block, message offset) while it is awaited
         self._bitmap_for: tuple[str, int] | None = None
         self.shut_code: int | None = None
         self.messages: dict[str, int] = {}
-        self._timestamp: float | None = None
         # after a gap or a garbage length no message boundary can be found again
         self._lost = False
 
@@ -128,14 +127,6 @@ class ReturnPathDecoder:
         return self._drain()
 
     # --- machinery ----------------------------------------------------------
-
-    def _drain(self) -> list[Event]:
-        events, self._events = self._events, []
-        return events
-
-    def _emit(self, event: Event) -> None:
-        event.timestamp = self._timestamp
-        self._events.append(event)
 
     def _consume(self, size: int) -> None:
         del self._buf[:size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 from array import array
 from pathlib import Path
@@ -776,5 +777,16 @@ def run(path: str | None, port: int | None = None) -> int:
     if target.is_dir():
         raise InputError(f"{path}: is a directory")
     MigsharkApp.for_path(target, port).run()
+    return 0
+
+
+def run_live_source(source: Any, command: str) -> int:
+    """Entry point of `migshark live --tui` and `proxy --tui`: open the source (its
+    socket), then hand the terminal to the app; exit 2 with one line if it cannot."""
+    error = source.open()
+    if error is not None:
+        print(f"migshark {command}: {error}", file=sys.stderr)
+        return 2
+    MigsharkApp(source, title=source.name).run()
     return 0
 

@@ -58,16 +58,10 @@ class LiveSource:
 
 
 def run_live_tui(args: argparse.Namespace) -> int:
-    from tui.app import MigsharkApp
+    from tui.app import run_live_source
 
     if os.geteuid() != 0:
         print("migshark live: needs root (raw packet capture); run as root or use "
               "`migshark proxy`, which needs no privileges", file=sys.stderr)
         return 2
-    source = LiveSource(args)
-    error = source.open()
-    if error is not None:
-        print(f"migshark live: {error}", file=sys.stderr)
-        return 2
-    MigsharkApp(source, title=source.name).run()
-    return 0
+    return run_live_source(LiveSource(args), "live")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 import threading
 from typing import Any
 
@@ -73,12 +72,6 @@ class ProxySource:
 
 
 def run_proxy_tui(args: argparse.Namespace) -> int:
-    from tui.app import MigsharkApp
+    from tui.app import run_live_source
 
-    source = ProxySource(args)
-    error = source.open()
-    if error is not None:
-        print(f"migshark proxy: {error}", file=sys.stderr)
-        return 2
-    MigsharkApp(source, title=source.name).run()
-    return 0
+    return run_live_source(ProxySource(args), "proxy")
