@@ -9,11 +9,11 @@ node's virtual size.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from analyzer.bitmaps import DestinationContext
+from analyzer.jsoninput import load_json_input
 
 
 class DestinationError(ValueError):
@@ -21,17 +21,7 @@ class DestinationError(ValueError):
 
 
 def load_destination(path: str | os.PathLike[str]) -> DestinationContext:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except OSError as error:
-        raise DestinationError(f"{os.fspath(path)}: {error.strerror or error}") from None
-    except ValueError as error:
-        raise DestinationError(f"{os.fspath(path)}: not JSON ({error})") from None
-    try:
-        return parse_destination(document)
-    except DestinationError as error:
-        raise DestinationError(f"{os.fspath(path)}: {error}") from None
+    return load_json_input(path, parse_destination, DestinationError)
 
 
 def parse_destination(document: Any) -> DestinationContext:

@@ -16,10 +16,11 @@ name_to_alias=false); an alias not in the map cancels the bitmap migration.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from analyzer.jsoninput import load_json_input
 
 # qemu_put_counted_string() carries at most 255 bytes; QEMU refuses longer aliases.
 MAX_ALIAS_LENGTH = 255
@@ -66,17 +67,7 @@ class BitmapMapping:
 
 
 def load_mapping(path: str | os.PathLike[str]) -> BitmapMapping:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except OSError as error:
-        raise MappingError(f"{os.fspath(path)}: {error.strerror or error}") from None
-    except ValueError as error:
-        raise MappingError(f"{os.fspath(path)}: not JSON ({error})") from None
-    try:
-        return parse_mapping(document)
-    except MappingError as error:
-        raise MappingError(f"{os.fspath(path)}: {error}") from None
+    return load_json_input(path, parse_mapping, MappingError)
 
 
 def parse_mapping(document: Any) -> BitmapMapping:
