@@ -316,10 +316,16 @@ class CaptureReader:
                 if u32(view, end - 4)[0] != blen:
                     raise self._error(off, "block trailer length does not match header")
 
-                if btype == _BT_EPB:
+                if btype == _BT_EPB or btype == _BT_OPB:
+                    # The obsolete Packet Block is an EPB whose interface id is 16 bits,
+                    # followed by a 16-bit drop count.
                     if blen < 32:
-                        raise self._error(off, f"enhanced packet block too short ({blen})")
-                    ifid, ts_hi, ts_lo, caplen, origlen = epb(view, off + 8)
+                        what = "enhanced packet" if btype == _BT_EPB else "packet"
+                        raise self._error(off, f"{what} block too short ({blen})")
+                    if btype == _BT_EPB:
+                        ifid, ts_hi, ts_lo, caplen, origlen = epb(view, off + 8)
+                    else:
+                        ifid, _drops, ts_hi, ts_lo, caplen, origlen = opb(view, off + 8)
                     if caplen > blen - 32:
                         raise self._error(off, f"packet length {caplen} exceeds its block")
                     if ifid >= len(ifaces):
@@ -361,21 +367,6 @@ class CaptureReader:
                     # stays monotonic for rate computations.
                     yield new(
                         Frame, (last_ts, iface.linktype, view[start : start + caplen], 0, origlen)
-                    )
-                elif btype == _BT_OPB:
-                    if blen < 32:
-                        raise self._error(off, f"packet block too short ({blen})")
-                    ifid, _drops, ts_hi, ts_lo, caplen, origlen = opb(view, off + 8)
-                    if caplen > blen - 32:
-                        raise self._error(off, f"packet length {caplen} exceeds its block")
-                    if ifid >= len(ifaces):
-                        raise self._error(off, f"packet references unknown interface {ifid}")
-                    iface = ifaces[ifid]
-                    last_ts = ((ts_hi << 32) | ts_lo) / iface.ts_divisor + iface.ts_offset
-                    start = off + 28
-                    yield new(
-                        Frame,
-                        (last_ts, iface.linktype, view[start : start + caplen], ifid, origlen),
                     )
                 # Other block types (name resolution, statistics, secrets, custom) are
                 # irrelevant to stream reassembly.
