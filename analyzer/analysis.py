@@ -83,6 +83,16 @@ class MigrationStream:
         self.bytes_seen += len(data)
         self._handle(self.decoder.feed(data, timestamp))
 
+    def ram_walk_state(self) -> tuple[int, int, int, int, int] | None:
+        return self.decoder.ram_walk_state()
+
+    def ram_walked(self, taken: int, pages: int, zero_pages: int, skip: int, skip_start: int,
+                   timestamp: float) -> None:
+        """Bytes walked outside the decoder (see StreamDecoder.ram_walked): no events."""
+        self._note_time(timestamp)
+        self.bytes_seen += taken
+        self.decoder.ram_walked(taken, pages, zero_pages, skip, skip_start, timestamp)
+
     def gap(self, length: int, timestamp: float | None = None) -> None:
         self._note_time(timestamp)
         self._handle(self.decoder.gap(length, timestamp))

@@ -21,13 +21,15 @@ from typing import Any
 
 from construct import ConstructError
 
-from analyzer import findings
+from analyzer import findings, speedups
 from analyzer.records import Event, EventQueue, Finding, Record
 from analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
 from dissectors import grammar as g
 
 _RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
 _parse_bitmap_head = g.compiled(g.BitmapRecordHead).parse
+_BITMAP_START_LEN = g.BitmapStart.sizeof()
+_BITMAP_BITS_HEAD_LEN = g.BitmapBitsHead.sizeof()
 _BF_ZEROES, _BF_EOS = int(g.BitmapFlag.ZEROES), int(g.BitmapFlag.EOS)
 _BF_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
 _BITMAP_KIND_NAMES = {kind.value: "bitmap-" + kind.label for kind in g.RecordKind}
@@ -187,6 +189,41 @@ class StreamDecoder(EventQueue):
         if len(self._buf) - self._pos >= self._need:
             self._run()
         return self._drain()
+
+    def ram_walk_state(self) -> tuple[int, int, int, int, int] | None:
+        """Let a caller walk plain RAM records itself (analyzer.fastpath's C lane).
+
+        When the decoder sits between RAM records with nothing buffered, returns
+        (page mask, page size, page|continue flags, zero|continue flags, page bytes
+        still to skip): records of exactly those two shapes may be walked outside and
+        reported with ram_walked(); anything else must be fed. Otherwise None.
+        """
+        if (self._state != self._state_ram or self._pos != len(self._buf) or self.ram_detail
+                or self._package_end is not None or self._ram_run is None
+                or self._ram_block is None or self._deferred or self.finished):
+            return None
+        if self._buf:
+            self._base += self._pos
+            self._buf.clear()
+            self._pos = 0
+        return self._page_mask, self.page_size, _PAGE_CONTINUE, _ZERO_CONTINUE, self._skip
+
+    def ram_walked(self, taken: int, pages: int, zero_pages: int, skip: int, skip_start: int,
+                   timestamp: float) -> None:
+        """Account for `taken` stream bytes walked after ram_walk_state(): `pages` page
+        and `zero_pages` zero records, ending `skip` bytes into a page whose record
+        began `skip_start` bytes after the old position (-1: before it)."""
+        run = self._ram_run
+        assert run is not None
+        if skip and skip_start >= 0:
+            self._skip_start = self._base + skip_start
+        self._base += taken
+        self._skip = skip
+        self._timestamp = timestamp
+        self._need = 1
+        run.pages += pages
+        run.zero_pages += zero_pages
+        run.data_bytes += pages * self.page_size
 
     def gap(self, length: int, timestamp: float | None = None) -> list[Event]:
         """`length` bytes of the stream were lost (capture gap) at the current end."""
@@ -818,7 +855,19 @@ class StreamDecoder(EventQueue):
         page_size = self.page_size
         limit = len(view)
         pos = pages = zeros = 0
+        native = speedups.native
         while limit - pos >= 8:
+            if native is not None:
+                pos, walked_pages, walked_zeros, skip = native.ram_walk(
+                    view, pos, mask, page_size, _PAGE_CONTINUE, _ZERO_CONTINUE)
+                pages += walked_pages
+                zeros += walked_zeros
+                if skip:
+                    self._skip = skip
+                    self._skip_start = self._base + limit + skip - 8 - page_size
+                    break
+                if limit - pos < 8:
+                    break
             header = unpack(view, pos)[0]
             flags = header & mask
             # The two shapes of nearly every record come first, tested by equality.
@@ -1088,33 +1137,40 @@ class StreamDecoder(EventQueue):
         start = self._abs(self._pos)
         first_event = len(self._events)
         section = g.DIRTY_BITMAP_SECTION_IDSTR
-        flags = head.flags.value
-        if head.device_name is not None:
-            self._bm_node = head.device_name
-        if head.bitmap_name is not None:
-            self._bm_name = head.bitmap_name
-        kind = _BITMAP_KIND_NAMES[head.kind]
+        flag_field = head["flags"]
+        flags = flag_field["value"]
+        width = flag_field["width"]
+        device_name = head["device_name"]
+        bitmap_name = head["bitmap_name"]
+        bitmap_start = head["start"]
+        bits = head["bits"]
+        buffer_size = head["buffer_size"]
+        if device_name is not None:
+            self._bm_node = device_name
+        if bitmap_name is not None:
+            self._bm_name = bitmap_name
+        kind = _BITMAP_KIND_NAMES[head["kind"]]
         fields: dict[str, Any] = {
             "flags": flags,
-            "flags_width": head.flags.width,
+            "flags_width": width,
             "flag_names": _flag_names(flags),
         }
-        if head.flags.width > 1:
-            fields["wire_flags"] = head.flags.wire_value
-        if head.device_name is not None:
-            fields["device_name"] = head.device_name
-        if head.bitmap_name is not None:
-            fields["bitmap_name"] = head.bitmap_name
-        if head.start is not None:
-            fields["granularity"] = head.start.granularity
-            fields["bitmap_flags"] = head.start.bitmap_flags
-        if head.bits is not None:
-            fields["first_sector"] = head.bits.first_sector
-            fields["sector_count"] = head.bits.sector_count
+        if width > 1:
+            fields["wire_flags"] = flag_field["wire_value"]
+        if device_name is not None:
+            fields["device_name"] = device_name
+        if bitmap_name is not None:
+            fields["bitmap_name"] = bitmap_name
+        if bitmap_start is not None:
+            fields["granularity"] = bitmap_start["granularity"]
+            fields["bitmap_flags"] = bitmap_start["bitmap_flags"]
+        if bits is not None:
+            fields["first_sector"] = bits["first_sector"]
+            fields["sector_count"] = bits["sector_count"]
             fields["zeroes"] = bool(flags & _BF_ZEROES)
-        if head.buffer_size is not None:
-            fields["buffer_size"] = head.buffer_size
-        length = head_len + (head.buffer_size or 0)
+        if buffer_size is not None:
+            fields["buffer_size"] = buffer_size
+        length = head_len + (buffer_size or 0)
         record = self._record(kind, start, start + length, **fields)
         nothing = flags == flags & _BF_EOS
         if not nothing:
@@ -1122,21 +1178,21 @@ class StreamDecoder(EventQueue):
             record.bitmap = self._bm_name
         if buffer is not None:
             record.fields["buffer"] = buffer
-        if head.flags.width > 1:
+        if width > 1:
             self._emit(findings.make(
                 "multibyte-flags",
-                f"flags written in {head.flags.width} bytes (wire value "
-                f"{head.flags.wire_value:#x}); a QEMU destination keeps only the last byte "
+                f"flags written in {width} bytes (wire value "
+                f"{flag_field['wire_value']:#x}); a QEMU destination keeps only the last byte "
                 f"and acts on {flags:#04x} ({'|'.join(_flag_names(flags)) or 'none'})",
-                start, length=head.flags.width, section=section))
+                start, length=width, section=section))
         if flags & _BF_EXTRA:
             self._emit(findings.make(
                 "unknown-flags", f"the last flags byte {flags:#04x} has bit 0x80 set, which "
                 "means nothing there", start, section=section))
-        if head.buffer_size is not None and head.buffer_size > g.BITMAP_MAX_BUFFER_SIZE:
+        if buffer_size is not None and buffer_size > g.BITMAP_MAX_BUFFER_SIZE:
             self._emit(findings.make(
                 "buffer-too-large",
-                f"BITS buffer of {head.buffer_size} bytes; QEMU refuses more than "
+                f"BITS buffer of {buffer_size} bytes; QEMU refuses more than "
                 f"{g.BITMAP_MAX_BUFFER_SIZE} ('Bitmap migration stream buffer allocation "
                 "request is too large')", start, length=length, section=section,
                 node=self._bm_node, bitmap=self._bm_name))
@@ -1344,16 +1400,16 @@ class StreamDecoder(EventQueue):
 
 
 def _bitmap_head_length(head: Any) -> int:
-    length = head.flags.width
-    if head.device_name is not None:
-        length += 1 + len(head.device_name.encode("utf-8", "surrogateescape"))
-    if head.bitmap_name is not None:
-        length += 1 + len(head.bitmap_name.encode("utf-8", "surrogateescape"))
-    if head.start is not None:
-        length += g.BitmapStart.sizeof()
-    if head.bits is not None:
-        length += g.BitmapBitsHead.sizeof()
-    if head.buffer_size is not None:
+    # Item access: construct's Container attribute access costs a function call each.
+    length: int = head["flags"]["width"]
+    for name in (head["device_name"], head["bitmap_name"]):
+        if name is not None:
+            length += 1 + len(name.encode("utf-8", "surrogateescape"))
+    if head["start"] is not None:
+        length += _BITMAP_START_LEN
+    if head["bits"] is not None:
+        length += _BITMAP_BITS_HEAD_LEN
+    if head["buffer_size"] is not None:
         length += 8
     return length
 

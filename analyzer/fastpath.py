@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
+from analyzer import speedups
 from analyzer.capture import CaptureReader, parse_frame
 from analyzer.capture.frames import LINKTYPE_ETHERNET
 from analyzer.capture.pcapfile import _RELEASE_STEP
@@ -52,7 +53,10 @@ def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
             if segment is not None:
                 demux.segment(segment)
         return
-    _pump_ethernet_pcap(reader, demux)
+    if speedups.native is not None:
+        _pump_ethernet_pcap_native(reader, demux)
+    else:
+        _pump_ethernet_pcap(reader, demux)
 
 
 def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
@@ -129,13 +133,7 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
             gathered_for.feed(  # type: ignore[union-attr]
                 gathered, gathered_sec + gathered_frac / divisor)
             gathered = bytearray()
-        reassembler._last_ts = ts
-        segment = parse_frame(LINKTYPE_ETHERNET, view[start:end], ts)
-        if segment is None:
-            continue
-        demux.segment(segment)
-        _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
-                       view, start, caplen)
+        _general_frame(demux, lanes, view, start, end, ts)
     if gathered:
         gathered_for.feed(  # type: ignore[union-attr]
             gathered, gathered_sec + gathered_frac / divisor)
@@ -143,6 +141,120 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
         # The last frames may have been ACKs the lane dropped without a clock.
         sec, frac = rec(view, last)[:2]
         reassembler._last_ts = max(reassembler._last_ts, sec + frac / divisor)
+
+
+def _general_frame(demux: CaptureDemux, lanes: dict[bytes, tuple[_Dir, MigrationStream | None]],
+                   view: memoryview, start: int, end: int, ts: float) -> None:
+    """One frame the lane did not take, through parse_frame and the reassembler."""
+    demux.reassembler._last_ts = ts
+    segment = parse_frame(LINKTYPE_ETHERNET, view[start:end], ts)
+    if segment is None:
+        return
+    demux.segment(segment)
+    _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
+                   view, start, end - start)
+
+
+def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux) -> None:
+    """_pump_ethernet_pcap with its frame loop in C (analyzer/_speedups.c scan_lane).
+
+    The lane rules are the same; what differs is who gathers. C walks frames until
+    one needs Python, gathers the small payloads of one data lane into a fresh bytes
+    object, and hands back big payloads as offsets to feed without copying. A data
+    frame of another migration flow (multifd) goes through this loop in Python, fed
+    directly, and makes that flow the data lane.
+    """
+    native = speedups.native
+    assert native is not None
+    view = reader._view
+    assert view is not None
+    size = len(view)
+    rec = struct.Struct(reader._pcap_order + "IIII").unpack_from
+    little = reader._pcap_order == "<"
+    rec_len = reader._pcap_rec_len
+    divisor = reader.interfaces[0].ts_divisor
+    headers = _HEADERS.unpack_from
+    lanes: dict[bytes, tuple[_Dir, MigrationStream | None]] = {}
+    data_key: bytes | None = None  # the lane C gathers for
+    off = last = 24
+    release_at = _RELEASE_STEP
+    while off < size:
+        if off >= release_at:
+            release_at = reader._release_behind(off)
+        data_lane = lanes.get(data_key) if data_key is not None else None
+        if data_lane is None or data_lane[1] is None or data_lane[0].pending \
+                or data_lane[0].peer.pending:
+            data_lane = None
+        ack_keys = []
+        ack_seqs = []
+        for key, (d, _stream) in lanes.items():
+            if key != data_key and not d.pending and not d.peer.pending:
+                ack_keys.append(key)
+                ack_seqs.append(d.next_seq)
+        ram = data_lane[1].ram_walk_state() if data_lane is not None else None  # type: ignore[union-attr]
+        (status, off, walked_last, seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac, ram_out
+         ) = native.scan_lane(
+            view, off, min(size, release_at), little, b"".join(ack_keys), tuple(ack_seqs),
+            data_key if data_lane is not None else None,
+            data_lane[0].next_seq if data_lane is not None else 0, _GATHER, _DIRECT, ram)
+        if walked_last >= 0:
+            last = walked_last
+        if data_lane is not None and seq != data_lane[0].next_seq:
+            d, stream = data_lane
+            assert stream is not None
+            d.next_off += (seq - d.next_seq) & _MASK
+            d.next_seq = seq
+            if ram_out is not None:
+                taken, pages, zeros, skip, skip_start, head = ram_out
+                stream.ram_walked(taken, pages, zeros, skip, skip_start, gsec + gfrac / divisor)
+                if status == 4:  # the walk met another record: the decoder takes it from here
+                    stream.feed(head + view[dstart:dend] if head else view[dstart:dend],
+                                dsec + dfrac / divisor)
+                elif head:  # a record header cut by the end of the walk
+                    stream.feed(head, gsec + gfrac / divisor)
+            else:
+                if gathered:
+                    stream.feed(gathered, gsec + gfrac / divisor)
+                if status == 3:
+                    stream.feed(view[dstart:dend], dsec + dfrac / divisor)
+        if status != 1:
+            continue
+        # The record at off needs Python: truncated, or not a frame C's lane takes.
+        start = off + rec_len
+        if start > size:
+            reader._truncated(off, "incomplete record header")
+            break
+        sec, frac, caplen, _origlen = rec(view, off)
+        end = start + caplen
+        if end > size:
+            reader._truncated(off, f"record needs {caplen} bytes, {size - start} left")
+            break
+        last = off
+        off = end
+        ts = sec + frac / divisor
+        if caplen >= _HEADERS_LEN:
+            head, total, frag, proto, key, seq, offres, flags = headers(view, start)
+            lane = lanes.get(key)
+            if (lane is not None and lane[1] is not None and head == _IPV4_NO_OPTIONS
+                    and proto == 6 and not frag & 0x1FFF and not flags & 7):
+                d, stream = lane
+                if seq == d.next_seq and not d.pending and not d.peer.pending:
+                    avail = caplen - 14
+                    frame_end = end if total == 0 or total > avail or avail > 0xFFFF \
+                        else start + 14 + total
+                    data_start = start + 34 + (offres >> 4) * 4
+                    if offres >> 4 >= 5 and data_start < frame_end:
+                        n = frame_end - data_start
+                        d.next_off += n
+                        d.next_seq = (seq + n) & _MASK
+                        stream.feed(view[data_start:frame_end], ts)  # type: ignore[union-attr]
+                        data_key = key
+                        continue
+        _general_frame(demux, lanes, view, start, end, ts)
+    if off > 24:
+        # The last frames may have been ACKs the lane dropped without a clock.
+        sec, frac = rec(view, last)[:2]
+        demux.reassembler._last_ts = max(demux.reassembler._last_ts, sec + frac / divisor)
 
 
 def _refresh_lanes(lanes: dict[bytes, tuple[_Dir, MigrationStream | None]],

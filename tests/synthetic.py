@@ -22,7 +22,9 @@ def bitmap_chunk_bits(pattern: int) -> bytes:
     return pattern.to_bytes(8, "little") * 128
 
 
-def precopy_stream(*, with_vmdesc: bool = True, eof: bool = True) -> bytes:
+def precopy_stream(*, with_vmdesc: bool = True, eof: bool = True, extra_pages: int = 0) -> bytes:
+    """A small precopy migration; extra_pages (< 254) more pc.ram records per iteration,
+    every third a zero page, make it mostly RAM records like a real one."""
     out = [g.build_file_header(), g.build_configuration("pc-i440fx-7.2"),
            g.build_command(g.Command.POSTCOPY_ADVISE)]
     out += [g.build_section_start(g.ItemType.SECTION_START, RAM_ID, "ram", 0, 4),
@@ -37,6 +39,10 @@ def precopy_stream(*, with_vmdesc: bool = True, eof: bool = True) -> bytes:
         out.append(g.build_section_part(g.ItemType.SECTION_PART, RAM_ID))
         out.append(g.build_ram_page(0, "pc.ram", bytes([iteration + 1]) * 4096))
         out.append(g.build_ram_page(4096, None, b"", zero_fill=0))
+        for page in range(extra_pages):
+            addr = (2 + page) * 4096
+            out.append(g.build_ram_page(addr, None, b"", zero_fill=0) if page % 3 == 0
+                       else g.build_ram_page(addr, None, bytes([page % 251]) * 4096))
         out.append(g.build_ram_page(0, "vga.vram", b"\x07" * 4096))
         out += [g.build_ram_eos(), g.build_footer(RAM_ID)]
         out += [g.build_section_part(g.ItemType.SECTION_PART, BITMAP_ID),

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import analyzer.analysis as analysis
+from analyzer import speedups
 from analyzer.analysis import analyze_path
 from analyzer.capture import parse_frame
 from tests.synthetic import precopy_stream
@@ -114,6 +115,10 @@ def both_ways(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
 
     fast = analyze_path(path).as_json()
     with monkeypatch.context() as patch:
+        patch.setattr(speedups, "native", None)
+        python_lane = analyze_path(path).as_json()
+    assert fast == python_lane  # the C lane (when built) and the Python lane agree
+    with monkeypatch.context() as patch:
         patch.setattr(analysis, "pump_capture", general)
         slow = analyze_path(path).as_json()
     return fast, slow
@@ -125,7 +130,7 @@ def bitmaps_of(result: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_clean_capture_matches_general_path_and_raw_decode(tmp_path, monkeypatch, seed):
-    stream = precopy_stream()
+    stream = precopy_stream(extra_pages=200)
     conn = Conn("10.0.0.1", 40000, "10.0.0.2", 4444)
     path = write_pcap(tmp_path / "clean.pcap", migration_frames(conn, stream, seed, False))
     fast, slow = both_ways(path, monkeypatch)
@@ -142,14 +147,14 @@ def test_clean_capture_matches_general_path_and_raw_decode(tmp_path, monkeypatch
 @pytest.mark.parametrize("seed", [4, 5])
 def test_retransmissions_reordering_and_return_path(tmp_path, monkeypatch, seed):
     conn = Conn("10.0.0.1", 40000, "10.0.0.2", 4444)
-    frames = migration_frames(conn, precopy_stream(), seed, True)
+    frames = migration_frames(conn, precopy_stream(extra_pages=120), seed, True)
     fast, slow = both_ways(write_pcap(tmp_path / "messy.pcap", frames), monkeypatch)
     assert fast == slow
     assert all(sha for _, sha in bitmaps_of(fast))
 
 
 def test_hole_reset_truncation_and_interleaved_flows(tmp_path, monkeypatch):
-    stream = precopy_stream()
+    stream = precopy_stream(extra_pages=60)
     a = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444), stream, 6, False)
     b_conn = Conn("10.0.0.3", 40001, "10.0.0.2", 4445)
     b = migration_frames(b_conn, stream, 7, False)

@@ -1,0 +1,389 @@
+/*
+ * The two loops that see every byte of a migration capture, in C.
+ *
+ * analyzer/fastpath.py and StreamDecoder._ram_direct (analyzer/decoder.py) hold the
+ * same logic in Python and remain the reference: analyzer/speedups.py picks this
+ * module when it was built, and tests/test_speedups.py checks that both give equal
+ * results. Neither function knows the stream grammar beyond the two RAM record shapes
+ * that make up nearly all of a migration; anything else is handed back to Python.
+ *
+ * Every length comes from untrusted input: each read is bounds-checked against the
+ * buffer before it happens, and no function allocates more than its caller's limit.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline uint64_t be64(const unsigned char *p)
+{
+    return ((uint64_t)p[0] << 56) | ((uint64_t)p[1] << 48) | ((uint64_t)p[2] << 40) |
+           ((uint64_t)p[3] << 32) | ((uint64_t)p[4] << 24) | ((uint64_t)p[5] << 16) |
+           ((uint64_t)p[6] << 8) | (uint64_t)p[7];
+}
+
+static inline uint32_t be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) |
+           (uint32_t)p[3];
+}
+
+static inline uint32_t le32(const unsigned char *p)
+{
+    return ((uint32_t)p[3] << 24) | ((uint32_t)p[2] << 16) | ((uint32_t)p[1] << 8) |
+           (uint32_t)p[0];
+}
+
+static inline unsigned be16(const unsigned char *p)
+{
+    return ((unsigned)p[0] << 8) | (unsigned)p[1];
+}
+
+PyDoc_STRVAR(ram_walk_doc,
+"ram_walk(data, pos, mask, page_size, page_continue, zero_continue)\n"
+"-> (pos, pages, zero_pages, skip)\n\n"
+"Walk RAM records of exactly the shapes page|continue (8-byte header, page data)\n"
+"and zero|continue (8-byte header, fill byte) from data[pos:]. Stops at any other\n"
+"record or at a zero record cut by the end of data. A page record cut by the end\n"
+"is counted, pos becomes len(data) and skip is the number of its bytes still to\n"
+"come; otherwise skip is 0.");
+
+static PyObject *ram_walk(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t pos;
+    unsigned long long mask, page_continue, zero_continue;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "y*nKnKK", &buf, &pos, &mask, &page_size, &page_continue,
+                          &zero_continue))
+        return NULL;
+    const unsigned char *data = buf.buf;
+    Py_ssize_t limit = buf.len;
+    long long pages = 0, zeros = 0;
+    Py_ssize_t skip = 0;
+    if (pos < 0 || page_size <= 0) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "pos and page_size must be positive");
+        return NULL;
+    }
+    while (limit - pos >= 8) {
+        uint64_t flags = be64(data + pos) & mask;
+        if (flags == page_continue) {
+            pages++;
+            if (limit - pos - 8 < page_size) {
+                skip = page_size - (limit - pos - 8);
+                pos = limit;
+                break;
+            }
+            pos += 8 + page_size;
+        } else if (flags == zero_continue) {
+            if (limit - pos < 9)
+                break;
+            zeros++;
+            pos += 9;
+        } else {
+            break;
+        }
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("nLLn", pos, pages, zeros, skip);
+}
+
+/* Outcomes of scan_lane: why it handed control back. */
+enum { SCAN_STOP = 0, SCAN_GENERAL = 1, SCAN_GATHERED = 2, SCAN_DIRECT = 3, SCAN_RAM_END = 4 };
+
+#define HEADERS_LEN 48 /* Ethernet + IPv4 without options + TCP through its flags byte */
+#define MAX_LANES 64
+
+/* The RAM walk carried across the payloads of the data lane. */
+struct ram_walk {
+    uint64_t mask, page_continue, zero_continue;
+    Py_ssize_t page_size;
+    Py_ssize_t skip;       /* page data bytes still to pass over */
+    Py_ssize_t rel;        /* stream bytes seen in this call (page data included) */
+    Py_ssize_t skip_start; /* rel of the record being skipped, -1: began before this call */
+    long long pages, zeros;
+    unsigned char head[9]; /* a record header, gathered across payload boundaries */
+    Py_ssize_t head_len;
+};
+
+/* Walk data[p:e]. Returns -1 when all of it was taken, else the position in data at
+ * which a record of another shape continues (its first head_len bytes are in head). */
+static Py_ssize_t ram_walk_payload(struct ram_walk *w, const unsigned char *data, Py_ssize_t p,
+                                   Py_ssize_t e)
+{
+    while (p < e) {
+        if (w->skip) {
+            Py_ssize_t take = w->skip < e - p ? w->skip : e - p;
+            w->skip -= take;
+            w->rel += take;
+            p += take;
+            continue;
+        }
+        Py_ssize_t want = (w->head_len >= 8 ? 9 : 8) - w->head_len;
+        if (want > e - p)
+            want = e - p;
+        memcpy(w->head + w->head_len, data + p, (size_t)want);
+        w->head_len += want;
+        w->rel += want;
+        p += want;
+        if (w->head_len < 8)
+            return -1;
+        uint64_t flags = be64(w->head) & w->mask;
+        if (flags == w->page_continue) {
+            w->pages++;
+            w->skip = w->page_size;
+            w->skip_start = w->rel - 8;
+            w->head_len = 0;
+        } else if (flags == w->zero_continue) {
+            if (w->head_len < 9)
+                continue; /* its fill byte comes with the next payload */
+            w->zeros++;
+            w->head_len = 0;
+        } else {
+            /* Not ours: hand back the bytes of this record read so far. */
+            w->rel -= w->head_len;
+            return p;
+        }
+    }
+    return -1;
+}
+
+PyDoc_STRVAR(scan_lane_doc,
+"scan_lane(data, off, stop, little_endian, ack_keys, ack_seqs, data_key, data_seq,\n"
+"          gather_limit, direct_min, ram)\n"
+"-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
+"    ram_out)\n\n"
+"Walk classic pcap records of an Ethernet capture from data[off:] while they are\n"
+"in-order segments that analyzer.fastpath's lane takes: pure ACKs of a lane whose\n"
+"next sequence number is known (ack_keys: 12-byte keys as on the wire, addresses\n"
+"then ports, concatenated; ack_seqs: their next sequence numbers) are dropped, and\n"
+"in-order data of the one data lane (data_key, data_seq; None for none) is taken.\n\n"
+"With ram None, payloads under direct_min bytes are gathered into `gathered` (bytes\n"
+"or None; gsec, gfrac: record time of the last one) and a bigger one ends the walk.\n"
+"With ram = (mask, page_size, page_continue, zero_continue, skip), the payloads are\n"
+"instead walked as RAM records of those two shapes without copying (skip: page\n"
+"bytes still to pass over first), and ram_out = (done, pages, zero_pages, skip,\n"
+"skip_start, head): done stream bytes were taken, skip page bytes are still to\n"
+"come (of a record that began done-relative at skip_start, -1 if before the call),\n"
+"and head holds the bytes of a record header after done; gsec, gfrac are the time\n"
+"of the last payload walked.\n\n"
+"status says why the walk ended: 0 the record offset reached stop; 1 the record at\n"
+"off needs the general path (not consumed, including a truncated record); 2\n"
+"gather_limit bytes were gathered; 3 a payload of direct_min bytes or more at\n"
+"data[dstart:dend] (record time dsec, dfrac) is for the caller to feed after\n"
+"`gathered`; 4 the RAM walk met another record: head + data[dstart:dend] is the\n"
+"rest of the stream so far, from that record on. last is the offset of the last\n"
+"record consumed, or -1.");
+
+static PyObject *scan_lane(PyObject *self, PyObject *args)
+{
+    Py_buffer buf, ackbuf;
+    Py_ssize_t off, stop, gather_limit, direct_min;
+    int little;
+    PyObject *ack_seqs, *data_key_obj, *ram_obj;
+    unsigned long long data_seq_in;
+    if (!PyArg_ParseTuple(args, "y*nnpy*OOKnnO", &buf, &off, &stop, &little, &ackbuf,
+                          &ack_seqs, &data_key_obj, &data_seq_in, &gather_limit,
+                          &direct_min, &ram_obj))
+        return NULL;
+
+    PyObject *result = NULL, *gathered = NULL;
+    const unsigned char *data = buf.buf;
+    Py_ssize_t size = buf.len;
+    uint32_t seqs[MAX_LANES];
+    unsigned char keys[MAX_LANES * 12];
+    unsigned char data_key[12];
+    int have_data = 0;
+    Py_ssize_t nlanes = ackbuf.len / 12;
+    uint32_t data_seq = (uint32_t)data_seq_in;
+    struct ram_walk walk;
+    int ram_mode = ram_obj != Py_None;
+
+    if (ackbuf.len % 12 || nlanes > MAX_LANES || !PyTuple_Check(ack_seqs) ||
+        PyTuple_GET_SIZE(ack_seqs) != nlanes || off < 0 || gather_limit < 0 ||
+        direct_min < 1) {
+        PyErr_SetString(PyExc_ValueError, "scan_lane: bad lane table or limits");
+        goto done;
+    }
+    memset(&walk, 0, sizeof walk);
+    walk.skip_start = -1;
+    if (ram_mode) {
+        unsigned long long mask, page_continue, zero_continue;
+        if (!PyArg_ParseTuple(ram_obj, "KnKKn", &mask, &walk.page_size, &page_continue,
+                              &zero_continue, &walk.skip))
+            goto done;
+        if (walk.page_size <= 0 || walk.skip < 0) {
+            PyErr_SetString(PyExc_ValueError, "scan_lane: bad RAM walk state");
+            goto done;
+        }
+        walk.mask = mask;
+        walk.page_continue = page_continue;
+        walk.zero_continue = zero_continue;
+    }
+    memcpy(keys, ackbuf.buf, (size_t)ackbuf.len);
+    for (Py_ssize_t i = 0; i < nlanes; i++) {
+        unsigned long v = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(ack_seqs, i));
+        if (v == (unsigned long)-1 && PyErr_Occurred())
+            goto done;
+        seqs[i] = (uint32_t)v;
+    }
+    if (data_key_obj != Py_None) {
+        Py_buffer kb;
+        if (PyObject_GetBuffer(data_key_obj, &kb, PyBUF_SIMPLE) < 0)
+            goto done;
+        if (kb.len != 12) {
+            PyBuffer_Release(&kb);
+            PyErr_SetString(PyExc_ValueError, "scan_lane: data_key must be 12 bytes");
+            goto done;
+        }
+        memcpy(data_key, kb.buf, 12);
+        PyBuffer_Release(&kb);
+        have_data = 1;
+    }
+    if (stop > size)
+        stop = size;
+
+    /* The gather buffer is a fresh bytes object, so a consumer may keep it. */
+    Py_ssize_t glen = 0, gcap = gather_limit + direct_min;
+    unsigned char *gdst = NULL;
+    uint32_t gsec = 0, gfrac = 0;
+    int status = SCAN_STOP;
+    Py_ssize_t last = -1, dstart = 0, dend = 0;
+    uint32_t dsec = 0, dfrac = 0;
+
+    while (off < stop) {
+        if (size - off < 16) {
+            status = SCAN_GENERAL;
+            break;
+        }
+        const unsigned char *rec = data + off;
+        uint32_t sec = little ? le32(rec) : be32(rec);
+        uint32_t frac = little ? le32(rec + 4) : be32(rec + 4);
+        uint32_t caplen = little ? le32(rec + 8) : be32(rec + 8);
+        Py_ssize_t start = off + 16;
+        if ((Py_ssize_t)caplen > size - start || caplen < HEADERS_LEN) {
+            status = SCAN_GENERAL;
+            break;
+        }
+        Py_ssize_t end = start + caplen;
+        const unsigned char *f = data + start;
+        if (!(f[12] == 0x08 && f[13] == 0x00 && f[14] == 0x45) || f[23] != 6 ||
+            (be16(f + 20) & 0x1FFF) || (f[47] & 7)) {
+            status = SCAN_GENERAL;
+            break;
+        }
+        uint32_t seq = be32(f + 38);
+        const unsigned char *key = f + 26;
+        int is_data_lane = have_data && memcmp(key, data_key, 12) == 0;
+        int in_order = is_data_lane && seq == data_seq;
+        if (!in_order) {
+            Py_ssize_t i;
+            for (i = 0; i < nlanes; i++)
+                if (memcmp(key, keys + 12 * i, 12) == 0)
+                    break;
+            if (i == nlanes || seqs[i] != seq) {
+                status = SCAN_GENERAL;
+                break;
+            }
+        }
+        Py_ssize_t avail = (Py_ssize_t)caplen - 14;
+        unsigned total = be16(f + 16);
+        Py_ssize_t frame_end = (total == 0 || (Py_ssize_t)total > avail || avail > 0xFFFF)
+                                   ? end
+                                   : start + 14 + (Py_ssize_t)total;
+        unsigned doff = f[46] >> 4;
+        Py_ssize_t data_start = start + 34 + (Py_ssize_t)doff * 4;
+        if (doff < 5 || data_start > frame_end) {
+            status = SCAN_GENERAL;
+            break;
+        }
+        Py_ssize_t n = frame_end - data_start;
+        if (n == 0) { /* an in-order pure ACK: dropped, as the reassembler would */
+            last = off;
+            off = end;
+            continue;
+        }
+        if (!in_order) { /* data the lane does not take here */
+            status = SCAN_GENERAL;
+            break;
+        }
+        data_seq = (uint32_t)(seq + (uint32_t)n);
+        last = off;
+        off = end;
+        if (ram_mode) {
+            gsec = sec;
+            gfrac = frac;
+            Py_ssize_t rest = ram_walk_payload(&walk, data, data_start, frame_end);
+            if (rest >= 0) {
+                status = SCAN_RAM_END;
+                dstart = rest;
+                dend = frame_end;
+                dsec = sec;
+                dfrac = frac;
+                break;
+            }
+            continue;
+        }
+        if (n >= direct_min) {
+            status = SCAN_DIRECT;
+            dstart = data_start;
+            dend = frame_end;
+            dsec = sec;
+            dfrac = frac;
+            break;
+        }
+        if (gathered == NULL) {
+            gathered = PyBytes_FromStringAndSize(NULL, gcap);
+            if (gathered == NULL)
+                goto done;
+            gdst = (unsigned char *)PyBytes_AS_STRING(gathered);
+        }
+        memcpy(gdst + glen, data + data_start, (size_t)n);
+        glen += n;
+        gsec = sec;
+        gfrac = frac;
+        if (glen >= gather_limit) {
+            status = SCAN_GATHERED;
+            break;
+        }
+    }
+    if (gathered != NULL) {
+        if (_PyBytes_Resize(&gathered, glen) < 0)
+            goto done; /* gathered was freed and set to NULL */
+    }
+    if (ram_mode) {
+        Py_ssize_t taken = status == SCAN_RAM_END ? walk.rel : walk.rel - walk.head_len;
+        result = Py_BuildValue(
+            "innkOkknnkk(nLLnny#)", status, off, last, (unsigned long)data_seq, Py_None,
+            (unsigned long)gsec, (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
+            (unsigned long)dfrac, taken, walk.pages, walk.zeros, walk.skip,
+            walk.skip_start, (const char *)walk.head, walk.head_len);
+    } else {
+        result = Py_BuildValue("innkOkknnkkO", status, off, last, (unsigned long)data_seq,
+                               gathered ? gathered : Py_None, (unsigned long)gsec,
+                               (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
+                               (unsigned long)dfrac, Py_None);
+    }
+done:
+    Py_XDECREF(gathered);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&ackbuf);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"ram_walk", ram_walk, METH_VARARGS, ram_walk_doc},
+    {"scan_lane", scan_lane, METH_VARARGS, scan_lane_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "analyzer._speedups",
+    "C versions of migshark's two hot loops (see analyzer/speedups.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

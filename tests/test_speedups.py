@@ -1,0 +1,127 @@
+"""The C hot loops (analyzer/_speedups.c) against the Python loops they replace.
+
+tests/test_fastpath.py compares whole captures three ways (C lane, Python lane,
+general path); here: every bundled capture, the decoder under any chunking, and the
+C functions' own guards against bad arguments and cut input.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from analyzer import speedups
+from analyzer.analysis import analyze_path
+from analyzer.decoder import StreamDecoder
+from tests.conftest import require
+from tests.synthetic import precopy_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = sorted(p for p in (ROOT / "captures").glob("*/*") if p.suffix in (".pcap", ".pcapng",
+                                                                              ".bin"))
+RAM_STREAM = precopy_stream(extra_pages=180)
+
+
+@pytest.fixture
+def native() -> Any:
+    require(speedups.native is not None,
+            "analyzer._speedups was not built (no C compiler or Python headers)")
+    return speedups.native
+
+
+def test_the_extension_is_built_and_used(native):
+    assert native.__name__ == "analyzer._speedups"
+    assert speedups.native is native
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bundled_captures_give_equal_results(native, monkeypatch, path):
+    with_c = analyze_path(path).as_json()
+    monkeypatch.setattr(speedups, "native", None)
+    assert analyze_path(path).as_json() == with_c
+
+
+def _decode(stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
+    decoder = StreamDecoder()
+    events = []
+    pos = 0
+    for cut in [*sorted(cuts), len(stream)]:
+        events += decoder.feed(stream[pos:cut])
+        pos = max(pos, cut)
+    events += decoder.finish()
+    return [(e.offset, e.length, type(e).__name__, getattr(e, "kind", None),
+             getattr(e, "code", None), getattr(e, "fields", None)) for e in events]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, len(RAM_STREAM)), max_size=40))
+def test_decoder_under_any_chunking(cuts):
+    if speedups.native is None:
+        pytest.skip("analyzer._speedups was not built")  # test_the_extension... fails in CI
+    with_c = _decode(RAM_STREAM, cuts)
+    saved, speedups.native = speedups.native, None
+    try:
+        assert _decode(RAM_STREAM, cuts) == with_c
+    finally:
+        speedups.native = saved
+    kinds = [event[3] for event in with_c]
+    assert "ram-pages" in kinds
+
+
+def test_ram_walk_stops_at_other_shapes_and_cut_records(native):
+    page_continue, zero_continue = 0x08 | 0x20, 0x02 | 0x20
+    page = struct.pack(">Q", 0x1000 | page_continue) + b"\x11" * 4096
+    zero = struct.pack(">Q", 0x2000 | zero_continue) + b"\x00"
+    named = struct.pack(">Q", 0x3000 | 0x08) + b"\x03abc" + b"\x22" * 4096
+    data = page + zero + zero + named
+    assert native.ram_walk(data, 0, 0xFFF, 4096, page_continue, zero_continue) == (
+        len(page) + 2 * len(zero), 1, 2, 0)
+    # a page cut by the end: counted, the rest is to be skipped
+    assert native.ram_walk(page[:100], 0, 0xFFF, 4096, page_continue, zero_continue) == (
+        100, 1, 0, 4104 - 100)
+    # a zero record without its fill byte, and a cut header: left for the caller
+    assert native.ram_walk(zero[:8], 0, 0xFFF, 4096, page_continue, zero_continue) == (
+        0, 0, 0, 0)
+    assert native.ram_walk(page[:5], 0, 0xFFF, 4096, page_continue, zero_continue) == (
+        0, 0, 0, 0)
+    with pytest.raises(ValueError):
+        native.ram_walk(data, -1, 0xFFF, 4096, page_continue, zero_continue)
+    with pytest.raises(ValueError):
+        native.ram_walk(data, 0, 0xFFF, 0, page_continue, zero_continue)
+
+
+def _pcap_record(payload_len: int, caplen: int | None = None, seq: int = 1000) -> bytes:
+    frame = (b"\x02" * 12 + b"\x08\x00\x45\x00" + struct.pack("!H", 40 + payload_len)
+             + b"\x00\x01\x40\x00\x40\x06\x00\x00" + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+             + struct.pack("!HHII", 1, 2, seq, 0) + b"\x50\x10\xff\xff\x00\x00\x00\x00"
+             + b"\xaa" * payload_len)
+    return struct.pack("<IIII", 1, 2, len(frame) if caplen is None else caplen,
+                       len(frame)) + frame
+
+
+def test_scan_lane_hands_back_what_it_cannot_take(native):
+    key = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1, 2)
+    data = _pcap_record(100) + _pcap_record(0, seq=1100)  # data, then an in-order pure ACK
+    args = (0, len(data), True, b"", (), key, 1000, 1 << 16, 1 << 14, None)
+    status, off, last, seq, gathered, *_ = native.scan_lane(data, *args)
+    assert (status, off, last, seq) == (0, len(data), 116 + 54, 1100)
+    assert gathered == b"\xaa" * 100
+    # the next expected sequence number differs: the general path must see it
+    status, off, last, *_ = native.scan_lane(data, 0, len(data), True, b"", (), key, 999,
+                                             1 << 16, 1 << 14, None)
+    assert (status, off, last) == (1, 0, -1)
+    # a record that claims more bytes than the file has
+    cut = _pcap_record(100, caplen=10_000)
+    assert native.scan_lane(cut, 0, len(cut), True, b"", (), key, 1000, 1 << 16, 1 << 14,
+                            None)[:2] == (1, 0)
+    with pytest.raises(ValueError):  # a lane table that is not 12-byte keys
+        native.scan_lane(data, 0, len(data), True, b"x" * 13, (1,), key, 0, 1, 1, None)
+    with pytest.raises(ValueError):  # keys and sequence numbers do not pair up
+        native.scan_lane(data, 0, len(data), True, key, (), None, 0, 1, 1, None)
+    with pytest.raises(ValueError):
+        native.scan_lane(data, 0, len(data), True, b"", (), b"short", 0, 1, 1, None)
