@@ -7,19 +7,17 @@ input cannot be read at all (with a one-line reason on stderr, never a traceback
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from analyzer.analysis import (
-    AnalysisOptions,
-    AnalysisResult,
-    InputError,
-    MigrationStream,
-    analyze_path,
-)
+# records is small and format_event_line (a per-event loop in dump and the TUI)
+# needs Finding; everything heavier is imported by the handler that uses it, so that
+# `analyze` never loads the encoder or sockets and `--help` stays cheap.
 from analyzer.records import Event, Finding, Record, Severity
+
+if TYPE_CHECKING:
+    from analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -30,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_UNREADABLE
+    from analyzer.analysis import InputError
+
     try:
         return int(args.handler(args))
     except InputError as error:
@@ -102,13 +102,45 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the forwarded migration in the TUI")
     proxy.set_defaults(handler=cmd_proxy)
 
-    from analyzer.encoder import add_generate_command  # the encoder only loads here
+    generate = sub.add_parser(
+        "generate", help="write the stream QEMU would send for a scenario, with faults")
+    generate.add_argument("scenario", help="scenario TOML file (docs/scenarios.md)")
+    generate.add_argument("-o", "--output", required=True, metavar="OUT",
+                          help="OUT.bin (raw stream), OUT.pcap or OUT.pcapng; the "
+                               "expected result goes to OUT.expected.json")
+    generate.add_argument("--fault", action="append", default=[], metavar="NAME",
+                          help="add a fault (repeatable; docs/faults.md), e.g. "
+                               "drop-eos, truncate-at=4096, gap")
+    generate.add_argument("--no-scenario-faults", action="store_true",
+                          help="ignore the faults listed in the scenario file")
+    generate.set_defaults(handler=cmd_generate)
 
-    add_generate_command(sub)
-    from analyzer.replay import add_replay_command
-
-    add_replay_command(sub)
+    replay = sub.add_parser("replay", help="send a scenario or captured stream to a "
+                                           "listening QEMU (-incoming tcp:HOST:PORT)")
+    replay.add_argument("source", help="scenario .toml, raw stream, pcap or pcapng")
+    replay.add_argument("--to", required=True, metavar="tcp:HOST:PORT",
+                        help="the destination's -incoming address")
+    replay.add_argument("--fault", action="append", default=[], metavar="NAME",
+                        help="add a stream fault to a scenario (docs/faults.md)")
+    replay.add_argument("--splice", metavar="CAPTURE", default=None,
+                        help="send CAPTURE's stream with its dirty-bitmap section payloads "
+                             "replaced by the scenario's (RAM and devices stay real)")
+    replay.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the destination (default 30)")
+    replay.set_defaults(handler=cmd_replay)
     return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from analyzer.encoder import cmd_generate as run_generate
+
+    return run_generate(args)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from analyzer.replay import cmd_replay as run_replay
+
+    return run_replay(args)
 
 
 def cmd_live(args: argparse.Namespace) -> int:
@@ -153,6 +185,7 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
+    from analyzer.analysis import AnalysisOptions, InputError
     from analyzer.bitmaps import Dialect
     from analyzer.destination import DestinationError, load_destination
     from analyzer.mapping import MappingError, load_mapping
@@ -174,9 +207,15 @@ def exit_code(result: AnalysisResult) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from analyzer.encoder import ScenarioExporter
+    import json
 
-    exporter = ScenarioExporter() if args.export_scenario else None
+    from analyzer.analysis import analyze_path
+
+    exporter = None
+    if args.export_scenario:
+        from analyzer.encoder import ScenarioExporter
+
+        exporter = ScenarioExporter()
     result = analyze_path(args.path, _options(args, keep_buffers=True),
                           exporter.sink if exporter else None)
     if exporter is not None and not exporter.write(result, args.export_scenario):
@@ -190,6 +229,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
+    from analyzer.analysis import analyze_path
+
     out = sys.stdout
     numbers = {"n": 0}
 

@@ -638,22 +638,7 @@ def bitmap_mapping(scenario: Scenario) -> list[dict[str, Any]]:
             for node in scenario.nodes if node.bitmaps]
 
 
-# --- the `migshark generate` subcommand (registered by analyzer.cli) -----------------
-
-
-def add_generate_command(sub: Any) -> None:
-    generate_parser = sub.add_parser(
-        "generate", help="write the stream QEMU would send for a scenario, with faults")
-    generate_parser.add_argument("scenario", help="scenario TOML file (docs/scenarios.md)")
-    generate_parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                                 help="OUT.bin (raw stream), OUT.pcap or OUT.pcapng; the "
-                                      "expected result goes to OUT.expected.json")
-    generate_parser.add_argument("--fault", action="append", default=[], metavar="NAME",
-                                 help="add a fault (repeatable; docs/faults.md), e.g. "
-                                      "drop-eos, truncate-at=4096, gap")
-    generate_parser.add_argument("--no-scenario-faults", action="store_true",
-                                 help="ignore the faults listed in the scenario file")
-    generate_parser.set_defaults(handler=cmd_generate)
+# --- the `migshark generate` subcommand (arguments declared in analyzer.cli) ---------
 
 
 def cmd_generate(args: Any) -> int:

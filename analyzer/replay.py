@@ -134,22 +134,6 @@ def send_stream(data: bytes, host: str, port: int, timeout: float = 30.0) -> Rep
     return ReplayReport(sent, len(data), closed, reset, time.monotonic() - started)
 
 
-def add_replay_command(sub: Any) -> None:
-    parser = sub.add_parser("replay", help="send a scenario or captured stream to a "
-                                           "listening QEMU (-incoming tcp:HOST:PORT)")
-    parser.add_argument("source", help="scenario .toml, raw stream, pcap or pcapng")
-    parser.add_argument("--to", required=True, metavar="tcp:HOST:PORT",
-                        help="the destination's -incoming address")
-    parser.add_argument("--fault", action="append", default=[], metavar="NAME",
-                        help="add a stream fault to a scenario (docs/faults.md)")
-    parser.add_argument("--splice", metavar="CAPTURE", default=None,
-                        help="send CAPTURE's stream with its dirty-bitmap section payloads "
-                             "replaced by the scenario's (RAM and devices stay real)")
-    parser.add_argument("--timeout", type=float, default=30.0,
-                        help="seconds to wait for the destination (default 30)")
-    parser.set_defaults(handler=cmd_replay)
-
-
 def cmd_replay(args: Any) -> int:
     import sys
 
