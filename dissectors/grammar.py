@@ -324,6 +324,21 @@ BitmapBitsHead = Struct(
     "sector_count" / Int32ub,
 )
 
+BitmapBufferSize = Int64ub
+
+
+def fixed_format(declaration: Struct) -> str:
+    """The `struct` format (big-endian, no prefix) of a Struct of plain integer fields,
+    for hot paths that read a declared layout with one unpack."""
+    parts = []
+    for field in declaration.subcons:
+        fmt = getattr(field.subcon, "fmtstr", None)
+        if fmt is None or fmt[0] != ">":
+            raise TypeError(f"{field.name} is not a fixed big-endian field")
+        parts.append(fmt[1:])
+    return "".join(parts)
+
+
 _record_head_fields: list[Construct] = [
     "flags" / BitmapFlags,
     "device_name" / If(_has(BitmapFlag.DEVICE_NAME), counted_name),
@@ -334,7 +349,7 @@ _record_head_fields: list[Construct] = [
     "buffer_size" / If(
         (this.kind == RecordKind.BITS.value)
         & ((this.flags.value & BitmapFlag.ZEROES.value) == 0),
-        Int64ub,
+        BitmapBufferSize,
     ),
 ]
 

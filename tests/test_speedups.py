@@ -125,3 +125,23 @@ def test_scan_lane_hands_back_what_it_cannot_take(native):
         native.scan_lane(data, 0, len(data), True, key, (), None, 0, 1, 1, None)
     with pytest.raises(ValueError):
         native.scan_lane(data, 0, len(data), True, b"", (), b"short", 0, 1, 1, None)
+
+
+class _NeverKeeps(dict):
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+def test_fixed_bitmap_heads_read_like_the_grammar(monkeypatch):
+    """BITS heads read with the learned fixed layouts equal the grammar's parse."""
+    import analyzer.decoder as decoder
+
+    stream = precopy_stream()
+    cuts = list(range(0, len(stream), 997))
+    decoder._FIXED_HEADS.clear()
+    learned = _decode(stream, cuts)
+    assert decoder._FIXED_HEADS  # the stream's nameless BITS heads were learned
+    reused = _decode(stream, cuts)
+    monkeypatch.setattr(decoder, "_FIXED_HEADS", _NeverKeeps())
+    assert _decode(stream, cuts) == learned == reused
+    assert sum(1 for event in learned if event[3] == "bitmap-bits") >= 4
