@@ -22,7 +22,9 @@ results are those of the general path (tests compare the two).
 
 from __future__ import annotations
 
+import array
 import struct
+import threading
 from typing import TYPE_CHECKING
 
 from analyzer import speedups
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from analyzer.capture.tcp import _Dir
 
 _MASK = 0xFFFFFFFF
+_PREFAULT_AHEAD = 48 << 20  # how far the prefault thread may run ahead of the walk
+_PUBLISH_STEP = 4 << 20  # how often the walk tells it where it is
+_RELEASE_LAG = 2 * _RELEASE_STEP  # the walk releases itself past this
 _GATHER = 1 << 16  # bytes gathered from small segments before one feed
 _DIRECT = 1 << 14  # segments at least this big are fed without copying
 # Ethernet type + IPv4 version/IHL (b"\x08\x00\x45"), total length, fragment field,
@@ -54,7 +59,9 @@ def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
                 demux.segment(segment)
         return
     if speedups.native is not None:
-        _pump_ethernet_pcap_native(reader, demux)
+        prefaulter = _Prefaulter(reader)
+        with prefaulter:
+            _pump_ethernet_pcap_native(reader, demux, prefaulter)
     else:
         _pump_ethernet_pcap(reader, demux)
 
@@ -155,7 +162,41 @@ def _general_frame(demux: CaptureDemux, lanes: dict[bytes, tuple[_Dir, Migration
                    view, start, end - start)
 
 
-def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux) -> None:
+class _Prefaulter:
+    """A thread that takes the capture mapping's page faults ahead of the walk and
+    unmaps what lies behind it (C, without the GIL).
+
+    Faulting a file mapping in and out costs about as much as walking it; on a
+    second core it overlaps. The walk publishes its offset in control[0]; the thread
+    stays at most _PREFAULT_AHEAD bytes ahead and releases in _RELEASE_STEP steps
+    behind, so what is mapped at once (and RSS) stays bounded as without it.
+    """
+
+    def __init__(self, reader: CaptureReader) -> None:
+        self.view = reader._view
+        # consumer offset, stop, how far ahead, release step, released so far
+        self.control = array.array("q", [0, 0, _PREFAULT_AHEAD, _RELEASE_STEP, 0])
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> threading.Thread | None:
+        native = speedups.native
+        if native is not None and self.view is not None and len(self.view) > _PREFAULT_AHEAD:
+            self.thread = threading.Thread(target=native.prefault,
+                                           args=(self.view, self.control), daemon=True)
+            self.thread.start()
+        return self.thread
+
+    def publish(self, offset: int) -> None:
+        self.control[0] = offset
+
+    def __exit__(self, *exc: object) -> None:
+        self.control[1] = 1
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
+                               prefaulter: _Prefaulter) -> None:
     """_pump_ethernet_pcap with its frame loop in C (analyzer/_speedups.c scan_lane).
 
     The lane rules are the same; what differs is who gathers. C walks frames until
@@ -178,9 +219,21 @@ def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux) -> No
     data_key: bytes | None = None  # the lane C gathers for
     off = last = 24
     release_at = _RELEASE_STEP
+    control = prefaulter.control
+    releases = prefaulter.thread is None  # else the thread releases behind us
     while off < size:
+        control[0] = off
         if off >= release_at:
-            release_at = reader._release_behind(off)
+            if releases:
+                release_at = reader._release_behind(off)
+            else:
+                # The stop publishes our offset. Should the thread fall behind (no
+                # free core), we release, so that RSS stays bounded regardless.
+                release_at = off + _PUBLISH_STEP
+                if off - control[4] > _RELEASE_LAG:
+                    reader._released = control[4]
+                    reader._release_behind(off)
+                    control[4] = reader._released
         data_lane = lanes.get(data_key) if data_key is not None else None
         if data_lane is None or data_lane[1] is None or data_lane[0].pending \
                 or data_lane[0].peer.pending:
