@@ -13,18 +13,21 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyzer import findings
-from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record
 from dissectors import grammar as g
+
+if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
+    from analyzer.mapping import BitmapMapping
 
 # The largest bitmap reconstructed and hashed: 64 MiB of words holds a 256 GiB disk
 # at 512-byte granularity or 32 TiB at 64 KiB. Larger claims are reported, not hashed.
 MAX_BITMAP_BYTES = 64 << 20
 
 SECTOR = g.SECTOR_SIZE
+_EOS = int(g.BitmapFlag.EOS)  # a plain int: IntFlag arithmetic per record adds up
 
 
 class PagedWords:
@@ -278,7 +281,7 @@ class BitmapTracker:
         flags = event.fields.get("flags", 0)
         # dirty_bitmap_load_header(): only a record whose flags are EOS alone (or
         # nothing at all) may come before any device and bitmap name.
-        nothing = flags == flags & g.BitmapFlag.EOS
+        nothing = flags == flags & _EOS
         found: list[Finding] = []
         if "device_name" in event.fields:
             found += self._check_node(event)

@@ -27,7 +27,6 @@ from analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
 from dissectors import grammar as g
 
 _RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
-_parse_bitmap_head = g.compiled(g.BitmapRecordHead).parse
 _BITMAP_START_LEN = g.BitmapStart.sizeof()
 _BITMAP_BITS_HEAD_LEN = g.BitmapBitsHead.sizeof()
 _BF_ZEROES, _BF_EOS = int(g.BitmapFlag.ZEROES), int(g.BitmapFlag.EOS)
@@ -36,9 +35,31 @@ _BITMAP_KIND_NAMES = {kind.value: "bitmap-" + kind.label for kind in g.RecordKin
 # Heads the grammar parsed to a single byte (EOS, COMPLETE without names...) depend
 # on that byte alone; real streams repeat them by the thousand (idle iterations).
 _ONE_BYTE_HEADS: dict[int, Any] = {}
-_parse_section_short = g.compiled(g.SectionHeaderShort).parse
-_parse_section_full = g.compiled(g.SectionHeaderFull).parse
-_parse_footer = g.compiled(g.SectionFooter).parse
+# Fixed layouts are read with struct formats taken from the grammar's declarations.
+_SECTION_SHORT = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
+_FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
+
+
+class _GrammarParser:
+    """A grammar declaration's parser, compiled by construct once it has been used
+    often enough to pay for compiling (a few ms each, at every start otherwise)."""
+
+    COMPILE_AFTER = 64
+
+    def __init__(self, declaration: Any) -> None:
+        self.declaration = declaration
+        self.parse: Callable[[bytes], Any] = self._counting_parse
+        self.uses = 0
+
+    def _counting_parse(self, data: bytes) -> Any:
+        self.uses += 1
+        if self.uses >= self.COMPILE_AFTER:
+            self.parse = g.compiled(self.declaration).parse
+        return self.declaration.parse(data)
+
+
+_section_full = _GrammarParser(g.SectionHeaderFull)
+_bitmap_head = _GrammarParser(g.BitmapRecordHead)  # a head of a new shape or with names
 _BE32 = struct.Struct(">I")
 _BE16 = struct.Struct(">H")
 
@@ -579,7 +600,7 @@ class StreamDecoder(EventQueue):
         size = 1 + 4 + 1 + name_len + 8
         if self._available() < size:
             return self._short(size, "a section header")
-        head = _parse_section_full(bytes(self._buf[self._pos + 1 : self._pos + size]))
+        head = _section_full.parse(bytes(self._buf[self._pos + 1 : self._pos + size]))
         item_type = g.ItemType(self._buf[self._pos])
         section = _Section(head.section_id, head.idstr, head.instance_id, head.version_id)
         self._sections[head.section_id] = section
@@ -600,23 +621,23 @@ class StreamDecoder(EventQueue):
     def _item_section_part(self) -> NeedMore | None:
         if self._available() < 5:
             return self._short(5, "a section header")
-        head = _parse_section_short(bytes(self._buf[self._pos + 1 : self._pos + 5]))
+        (section_id,) = _SECTION_SHORT.unpack_from(self._buf, self._pos + 1)
         item_type = g.ItemType(self._buf[self._pos])
-        section = self._sections.get(head.section_id)
+        section = self._sections.get(section_id)
         kind = "section-part" if item_type == g.ItemType.SECTION_PART else "section-end"
         if section is None:
             self._current = None
             self._record(kind, self._item_start, self._item_start + 5,
-                         section_id=head.section_id)
+                         section_id=section_id)
             self._emit(findings.make(
-                "unknown-section", f"{kind} for section id {head.section_id}, never started",
+                "unknown-section", f"{kind} for section id {section_id}, never started",
                 self._item_start, length=5))
             self._pos += 5
             self._enter_resync(self._abs(self._pos))
             return None
         self._current = section
         self._current_type = item_type
-        self._record(kind, self._item_start, self._item_start + 5, section_id=head.section_id,
+        self._record(kind, self._item_start, self._item_start + 5, section_id=section_id,
                      idstr=section.idstr)
         self._pos += 5
         self._phase("iteration" if item_type == g.ItemType.SECTION_PART else "completion",
@@ -729,12 +750,12 @@ class StreamDecoder(EventQueue):
         if avail < 5:
             return self._short(5, "a section footer")
         start = self._abs(self._pos)
-        footer = _parse_footer(bytes(self._buf[self._pos + 1 : self._pos + 5]))
-        self._record("footer", start, start + 5, section_id=footer.section_id)
-        if footer.section_id != section.section_id:
+        (footer_id,) = _FOOTER.unpack_from(self._buf, self._pos + 1)
+        self._record("footer", start, start + 5, section_id=footer_id)
+        if footer_id != section.section_id:
             self._emit(findings.make(
                 "footer-mismatch",
-                f"footer names section {footer.section_id}, but section "
+                f"footer names section {footer_id}, but section "
                 f"{section.section_id} ({section.idstr}) just ended", start, length=5,
                 section=section.idstr))
         self._pos += 5
@@ -1050,7 +1071,7 @@ class StreamDecoder(EventQueue):
         else:
             head_probe = min(avail, g.BITMAP_RECORD_HEAD_MAX)
             try:
-                head = _parse_bitmap_head(bytes(self._buf[self._pos : self._pos + head_probe]))
+                head = _bitmap_head.parse(bytes(self._buf[self._pos : self._pos + head_probe]))
             except (ConstructError, struct.error):  # compiled parsers raise struct.error
                 if avail >= g.BITMAP_RECORD_HEAD_MAX:
                     raise  # cannot happen: the head is never longer than its bound
