@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analyzer import findings
 from analyzer.bitmaps import BitmapTracker, DestinationContext, Dialect
@@ -31,9 +31,11 @@ from analyzer.capture import (
 )
 from analyzer.decoder import StreamDecoder
 from analyzer.fastpath import pump_capture
-from analyzer.mapping import BitmapMapping
 from analyzer.records import Event, Finding, Record, Severity
 from dissectors.grammar import QEVM_MAGIC
+
+if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
+    from analyzer.mapping import BitmapMapping
 
 RAW_CHUNK = 1 << 20
 

@@ -207,17 +207,25 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
 def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
     from analyzer.analysis import AnalysisOptions, InputError
     from analyzer.bitmaps import Dialect
-    from analyzer.destination import DestinationError, load_destination
-    from analyzer.mapping import MappingError, load_mapping
 
     # Subcommands without these options (live, proxy) judge against plain QEMU.
+    # Their loaders are imported only when used: every import is start-up time.
     context = getattr(args, "destination", None)
+    if context:
+        from analyzer.destination import DestinationError, load_destination
+
+        try:
+            extra.setdefault("destination", load_destination(context))
+        except DestinationError as error:
+            raise InputError(str(error)) from None
     mapping = getattr(args, "bitmap_mapping", None)
-    try:
-        extra.setdefault("destination", load_destination(context) if context else None)
-        extra.setdefault("mapping", load_mapping(mapping) if mapping else None)
-    except (DestinationError, MappingError) as error:
-        raise InputError(str(error)) from None
+    if mapping:
+        from analyzer.mapping import MappingError, load_mapping
+
+        try:
+            extra.setdefault("mapping", load_mapping(mapping))
+        except MappingError as error:
+            raise InputError(str(error)) from None
     extra.setdefault("dialect", Dialect(getattr(args, "dialect", "qemu")))
     return AnalysisOptions(port=args.port, **extra)
 
