@@ -17,6 +17,7 @@ import functools
 import json
 import struct
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from construct import ConstructError
@@ -78,6 +79,9 @@ _VALID_RAM_FLAGS = (
 )
 
 # Plain ints for the RAM hot loop: IntFlag arithmetic costs microseconds per record.
+# RamFlag members as plain ints: IntFlag arithmetic builds an enum member per
+# operation (microseconds), paid for every record of every idle iteration.
+_RF = SimpleNamespace(**{name: int(flag) for name, flag in g.RamFlag.__members__.items()})
 _PAGE = int(g.RamFlag.PAGE)
 _CONTINUE = int(g.RamFlag.CONTINUE)
 _PAGE_OR_ZERO = int(g.RamFlag.PAGE | g.RamFlag.ZERO)
@@ -601,7 +605,7 @@ class StreamDecoder(EventQueue):
         if self._available() < size:
             return self._short(size, "a section header")
         head = _section_full.parse(bytes(self._buf[self._pos + 1 : self._pos + size]))
-        item_type = g.ItemType(self._buf[self._pos])
+        item_type = self._buf[self._pos]
         section = _Section(head.section_id, head.idstr, head.instance_id, head.version_id)
         self._sections[head.section_id] = section
         self._current = section
@@ -622,7 +626,7 @@ class StreamDecoder(EventQueue):
         if self._available() < 5:
             return self._short(5, "a section header")
         (section_id,) = _SECTION_SHORT.unpack_from(self._buf, self._pos + 1)
-        item_type = g.ItemType(self._buf[self._pos])
+        item_type = self._buf[self._pos]
         section = self._sections.get(section_id)
         kind = "section-part" if item_type == g.ItemType.SECTION_PART else "section-end"
         if section is None:
@@ -954,27 +958,27 @@ class StreamDecoder(EventQueue):
         start = self._abs(pos)
         addr = header & ~self._page_mask
         run = self._ram_run
-        if flags & ~_VALID_RAM_FLAGS or flags == 0 or flags & g.RamFlag.FULL:
+        if flags & ~_VALID_RAM_FLAGS or flags == 0 or flags & _RF.FULL:
             self._ram_error(pos, f"RAM record with invalid flags {flags:#x} at {start:#x}")
             return None
-        if flags & g.RamFlag.MEM_SIZE:
+        if flags & _RF.MEM_SIZE:
             return self._ram_mem_size(addr, flags)
-        if flags & g.RamFlag.EOS:
+        if flags & _RF.EOS:
             self._flush_ram_run(start)
             self._record("ram-eos", start, start + 8)
             self._pos += 8
             self._end_payload()
             return None
-        if flags & g.RamFlag.MULTIFD_FLUSH:
+        if flags & _RF.MULTIFD_FLUSH:
             self._record("ram-multifd-flush", start, start + 8)
             self._pos += 8
             return None
-        if flags & g.RamFlag.HOOK:
+        if flags & _RF.HOOK:
             self._record("ram-hook", start, start + 8)
             self._pos += 8
             return None
         body = pos + 8
-        if not flags & g.RamFlag.CONTINUE:
+        if not flags & _RF.CONTINUE:
             if self._available() < 9:
                 return self._short(9, "a RAM record")
             name_len = self._buf[body]
@@ -982,10 +986,10 @@ class StreamDecoder(EventQueue):
                 return self._short(9 + name_len, "a RAM record")
             self._ram_block = g.RamBlockName.parse(bytes(self._buf[body : body + 1 + name_len]))
             body += 1 + name_len
-        head_size = 3 if flags & g.RamFlag.XBZRLE else 4
+        head_size = 3 if flags & _RF.XBZRLE else 4
         if self._available() < body - pos + head_size:
             return self._short(body - pos + head_size, "a RAM record")
-        if flags & g.RamFlag.XBZRLE:
+        if flags & _RF.XBZRLE:
             head = g.RamXbzrleHeader.parse(bytes(self._buf[body : body + 3]))
             kind, data_len = "ram-xbzrle", head.length
         else:
@@ -1046,7 +1050,7 @@ class StreamDecoder(EventQueue):
         start = self._abs(self._pos)
         self._record("ram-mem-size", start, self._abs(pos), total_bytes=total, blocks=blocks)
         self._pos = pos
-        if flags & g.RamFlag.EOS:
+        if flags & _RF.EOS:
             self._flush_ram_run(self._abs(pos))
             self._end_payload()
         return None
@@ -1419,9 +1423,9 @@ class StreamDecoder(EventQueue):
             flags = header & self._page_mask
             if flags & ~_VALID_RAM_FLAGS or not flags:
                 return False
-            if flags & (g.RamFlag.PAGE | g.RamFlag.ZERO) and not flags & g.RamFlag.CONTINUE:
+            if flags & _PAGE_OR_ZERO and not flags & _CONTINUE:
                 return _plausible_name_at(buf, body + 8, end)
-            return not flags & g.RamFlag.CONTINUE or self._ram_block is not None
+            return not flags & _CONTINUE or self._ram_block is not None
         if section.idstr == g.DIRTY_BITMAP_SECTION_IDSTR:
             if body >= end:
                 return None
