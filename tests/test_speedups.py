@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from analyzer import speedups
-from analyzer.analysis import analyze_path
+from analyzer.analysis import InputError, analyze_path
 from analyzer.decoder import StreamDecoder
 from tests.conftest import require
 from tests.synthetic import precopy_stream
@@ -145,3 +145,49 @@ def test_fixed_bitmap_heads_read_like_the_grammar(monkeypatch):
     monkeypatch.setattr(decoder, "_FIXED_HEADS", _NeverKeeps())
     assert _decode(stream, cuts) == learned == reused
     assert sum(1 for event in learned if event[3] == "bitmap-bits") >= 4
+
+
+_MUTATED_BASE: bytes | None = None
+
+
+def _mutation_base() -> bytes:
+    """A small RAM-heavy capture with ACKs both ways, as pcap bytes."""
+    global _MUTATED_BASE
+    if _MUTATED_BASE is None:
+        import tempfile
+
+        from tests.test_fastpath import Conn, migration_frames, write_pcap
+
+        frames = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444),
+                                  precopy_stream(extra_pages=40), 11, True)
+        with tempfile.TemporaryDirectory() as tmp:
+            _MUTATED_BASE = write_pcap(Path(tmp) / "base.pcap", frames).read_bytes()
+    return _MUTATED_BASE
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(24, 400_000), st.integers(0, 255)), min_size=1,
+                max_size=6),
+       st.integers(0, 2000))
+def test_mutated_captures_equal_with_and_without_c(tmp_path_factory, flips, cut):
+    """Hostile pcaps (flipped bytes anywhere, a cut end) give the same results either way."""
+    if speedups.native is None:
+        pytest.skip("analyzer._speedups was not built")  # test_the_extension... fails in CI
+    data = bytearray(_mutation_base())
+    for at, value in flips:
+        data[at % len(data)] = value
+    path = tmp_path_factory.mktemp("mut") / "m.pcap"
+    path.write_bytes(bytes(data[: len(data) - cut]))
+    with_c = _outcome(path)
+    saved, speedups.native = speedups.native, None
+    try:
+        assert _outcome(path) == with_c
+    finally:
+        speedups.native = saved
+
+
+def _outcome(path: Path) -> Any:
+    try:
+        return analyze_path(path).as_json()
+    except InputError as error:  # e.g. the flips destroyed the stream's magic
+        return f"input error: {error}"
