@@ -7,6 +7,7 @@ input cannot be read at all (with a one-line reason on stderr, never a traceback
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,14 @@ def run() -> NoReturn:
     long-running commands (tui, live, proxy) exit normally."""
     parser = build_parser()
     args = parser.parse_args()
+    if getattr(args, "batch", False):
+        # The imports make objects in bulk and no garbage: no collections while they
+        # run, and what they made is kept out of every later one (freeze).
+        gc.disable()
+        import analyzer.analysis  # noqa: F401 - the handler's heavy imports, done here
+
+        gc.freeze()
+        gc.enable()
     code = _dispatch(parser, args)
     if getattr(args, "batch", False):
         try:
