@@ -202,8 +202,8 @@ def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
     The lane rules are the same; what differs is who gathers. C walks frames until
     one needs Python, gathers the small payloads of one data lane into a fresh bytes
     object, and hands back big payloads as offsets to feed without copying. A data
-    frame of another migration flow (multifd) goes through this loop in Python, fed
-    directly, and makes that flow the data lane.
+    frame of another migration flow (multifd) goes through the general path and
+    makes that flow the data lane.
     """
     native = speedups.native
     assert native is not None
@@ -212,9 +212,7 @@ def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
     size = len(view)
     rec = struct.Struct(reader._pcap_order + "IIII").unpack_from
     little = reader._pcap_order == "<"
-    rec_len = reader._pcap_rec_len
     divisor = reader.interfaces[0].ts_divisor
-    headers = _HEADERS.unpack_from
     lanes: dict[bytes, tuple[_Dir, MigrationStream | None]] = {}
     data_key: bytes | None = None  # the lane C gathers for
     off = last = 24
@@ -272,38 +270,20 @@ def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
                     stream.feed(view[dstart:dend], dsec + dfrac / divisor)
         if status != 1:
             continue
-        # The record at off needs Python: truncated, or not a frame C's lane takes.
-        start = off + rec_len
-        if start > size:
-            reader._truncated(off, "incomplete record header")
+        # The record at off needs Python: truncated, or not a frame C's lane takes
+        # (handshake, retransmission, another flow...): the general path, in order.
+        record = reader._pcap_record(off)
+        if record is None:
             break
-        sec, frac, caplen, _origlen = rec(view, off)
-        end = start + caplen
-        if end > size:
-            reader._truncated(off, f"record needs {caplen} bytes, {size - start} left")
-            break
+        ts, start, end = record
         last = off
         off = end
-        ts = sec + frac / divisor
-        if caplen >= _HEADERS_LEN:
-            head, total, frag, proto, key, seq, offres, flags = headers(view, start)
-            lane = lanes.get(key)
-            if (lane is not None and lane[1] is not None and head == _IPV4_NO_OPTIONS
-                    and proto == 6 and not frag & 0x1FFF and not flags & 7):
-                d, stream = lane
-                if seq == d.next_seq and not d.pending and not d.peer.pending:
-                    avail = caplen - 14
-                    frame_end = end if total == 0 or total > avail or avail > 0xFFFF \
-                        else start + 14 + total
-                    data_start = start + 34 + (offres >> 4) * 4
-                    if offres >> 4 >= 5 and data_start < frame_end:
-                        n = frame_end - data_start
-                        d.next_off += n
-                        d.next_seq = (seq + n) & _MASK
-                        stream.feed(view[data_start:frame_end], ts)  # type: ignore[union-attr]
-                        data_key = key
-                        continue
         _general_frame(demux, lanes, view, start, end, ts)
+        # In-order data of another migration flow (multifd): C gathers for it next.
+        key = bytes(view[start + 26 : start + 38]) if end - start >= _HEADERS_LEN else b""
+        lane = lanes.get(key)
+        if lane is not None and lane[1] is not None:
+            data_key = key
     if off > 24:
         # The last frames may have been ACKs the lane dropped without a clock.
         sec, frac = rec(view, last)[:2]

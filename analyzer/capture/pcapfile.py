@@ -204,6 +204,23 @@ class CaptureReader:
             self._released = end
         return off + _RELEASE_STEP
 
+    def _pcap_record(self, off: int) -> tuple[float, int, int] | None:
+        """(timestamp, data start, data end) of the classic-pcap record at `off`, or
+        None once it has been reported truncated. For callers outside the per-frame
+        loops, which inline the same checks for speed."""
+        view = self._view
+        assert view is not None
+        start = off + self._pcap_rec_len
+        if start > len(view):
+            self._truncated(off, "incomplete record header")
+            return None
+        sec, frac, caplen, _origlen = struct.unpack_from(self._pcap_order + "IIII", view, off)
+        end = start + caplen
+        if end > len(view):
+            self._truncated(off, f"record needs {caplen} bytes, {len(view) - start} left")
+            return None
+        return sec + frac / self.interfaces[0].ts_divisor, start, end
+
     def _truncated(self, offset: int, reason: str) -> None:
         self.truncated_at = offset
         self.truncated_reason = reason
