@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from analyzer.capture import (
 )
 from analyzer.decoder import StreamDecoder
 from analyzer.fastpath import pump_capture
-from analyzer.records import Event, Finding, Record, Severity
+from analyzer.records import Event, Fields, Finding, Record, Severity
 from dissectors.grammar import QEVM_MAGIC
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
@@ -46,16 +45,24 @@ class InputError(Exception):
     """The input cannot be read at all (exit code 2)."""
 
 
-@dataclass
-class AnalysisOptions:
-    port: int | None = None
-    ram_detail: bool = False
-    keep_buffers: bool = True
-    destination: DestinationContext | None = None
-    aliases: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
-    vmdesc: dict[str, Any] | None = None
-    mapping: BitmapMapping | None = None  # block-bitmap-mapping of the destination
-    dialect: Dialect = Dialect.QEMU
+class AnalysisOptions(Fields):
+    _fields = ("port", "ram_detail", "keep_buffers", "destination", "aliases", "vmdesc",
+               "mapping", "dialect")
+
+    def __init__(self, port: int | None = None, ram_detail: bool = False,
+                 keep_buffers: bool = True, destination: DestinationContext | None = None,
+                 aliases: dict[tuple[str, str], tuple[str, str]] | None = None,
+                 vmdesc: dict[str, Any] | None = None,
+                 mapping: BitmapMapping | None = None,  # block-bitmap-mapping of the destination
+                 dialect: Dialect = Dialect.QEMU) -> None:
+        self.port = port
+        self.ram_detail = ram_detail
+        self.keep_buffers = keep_buffers
+        self.destination = destination
+        self.aliases: dict[tuple[str, str], tuple[str, str]] = {} if aliases is None else aliases
+        self.vmdesc = vmdesc
+        self.mapping = mapping
+        self.dialect = dialect
 
 
 class MigrationStream:
@@ -154,12 +161,15 @@ class MigrationStream:
         }
 
 
-@dataclass
-class AnalysisResult:
-    path: str
-    input_format: str
-    migrations: list[MigrationStream]
-    input_findings: list[Finding] = field(default_factory=list)
+class AnalysisResult(Fields):
+    _fields = ("path", "input_format", "migrations", "input_findings")
+
+    def __init__(self, path: str, input_format: str, migrations: list[MigrationStream],
+                 input_findings: list[Finding] | None = None) -> None:
+        self.path = path
+        self.input_format = input_format
+        self.migrations = migrations
+        self.input_findings: list[Finding] = [] if input_findings is None else input_findings
 
     def all_findings(self) -> Iterator[Finding]:
         yield from self.input_findings

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from analyzer import findings
-from analyzer.records import Event, Finding, Record
+from analyzer.records import Event, Fields, Finding, Record
 from dissectors import grammar as g
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
@@ -111,8 +110,7 @@ class PagedWords:
         return count
 
 
-@dataclass
-class DestinationContext:
+class DestinationContext(Fields):
     """What the destination already has (from its query-block / query-named-block-nodes).
 
     `nodes` holds node names, `devices` maps a BlockBackend (device) name to the node
@@ -120,10 +118,16 @@ class DestinationContext:
     `sizes` a node name to its virtual size in bytes, when known.
     """
 
-    nodes: set[str] = field(default_factory=set)
-    bitmaps: dict[tuple[str, str], int] = field(default_factory=dict)
-    devices: dict[str, str] = field(default_factory=dict)
-    sizes: dict[str, int] = field(default_factory=dict)
+    _fields = ("nodes", "bitmaps", "devices", "sizes")
+
+    def __init__(self, nodes: set[str] | None = None,
+                 bitmaps: dict[tuple[str, str], int] | None = None,
+                 devices: dict[str, str] | None = None,
+                 sizes: dict[str, int] | None = None) -> None:
+        self.nodes: set[str] = set() if nodes is None else nodes
+        self.bitmaps: dict[tuple[str, str], int] = {} if bitmaps is None else bitmaps
+        self.devices: dict[str, str] = {} if devices is None else devices
+        self.sizes: dict[str, int] = {} if sizes is None else sizes
 
     def resolve(self, name: str, *, node_only: bool = False) -> str | None:
         """The node a DEVICE_NAME finds, as bdrv_lookup_bs(name, name) does: a device
@@ -141,24 +145,35 @@ class Dialect(StrEnum):
     DRAFT_2017 = "2017"
 
 
-@dataclass
-class BitmapState:
-    node: str
-    name: str
-    first_offset: int
-    granularity: int | None = None
-    bitmap_flags: int | None = None
-    started_at: int | None = None
-    completed_at: int | None = None
-    words: PagedWords = field(default_factory=PagedWords)
-    coverage: list[list[int]] = field(default_factory=list)  # merged [start, end) sectors
-    chunks: int = 0
-    zero_chunks: int = 0
-    unusable: str | None = None  # why no hash can be trusted
-    real_node: str | None = None
-    real_name: str | None = None
-    disk_end: int | None = None  # sectors, once known
-    disk_end_source: str = ""
+class BitmapState(Fields):
+    _fields = ("node", "name", "first_offset", "granularity", "bitmap_flags", "started_at",
+               "completed_at", "words", "coverage", "chunks", "zero_chunks", "unusable",
+               "real_node", "real_name", "disk_end", "disk_end_source")
+
+    def __init__(self, node: str, name: str, first_offset: int, granularity: int | None = None,
+                 bitmap_flags: int | None = None, started_at: int | None = None,
+                 completed_at: int | None = None, words: PagedWords | None = None,
+                 coverage: list[list[int]] | None = None, chunks: int = 0, zero_chunks: int = 0,
+                 unusable: str | None = None, real_node: str | None = None,
+                 real_name: str | None = None, disk_end: int | None = None,
+                 disk_end_source: str = "") -> None:
+        self.node = node
+        self.name = name
+        self.first_offset = first_offset
+        self.granularity = granularity
+        self.bitmap_flags = bitmap_flags
+        self.started_at = started_at
+        self.completed_at = completed_at
+        self.words = PagedWords() if words is None else words
+        # merged [start, end) sectors
+        self.coverage: list[list[int]] = [] if coverage is None else coverage
+        self.chunks = chunks
+        self.zero_chunks = zero_chunks
+        self.unusable = unusable  # why no hash can be trusted
+        self.real_node = real_node
+        self.real_name = real_name
+        self.disk_end = disk_end  # sectors, once known
+        self.disk_end_source = disk_end_source
 
     @property
     def end_sector(self) -> int:

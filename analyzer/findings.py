@@ -6,18 +6,46 @@ used without an entry here; docs/findings.md is generated from this table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from analyzer.records import Finding, Severity
+from analyzer.records import Fields, Finding, Severity
 
 
-@dataclass(frozen=True, slots=True)
-class FindingKind:
+class FindingKind(Fields):
+    """One catalogue entry; immutable and hashable, like the frozen dataclass it was."""
+
+    __slots__ = _fields = ("code", "severity", "meaning", "qemu", "message")
     code: str
     severity: Severity
     meaning: str
     qemu: str  # what QEMU's loader does
-    message: str = ""  # what QEMU prints (error_report), when it prints something
+    message: str  # what QEMU prints (error_report), when it prints something
+
+    def __init__(self, code: str, severity: Severity, meaning: str, qemu: str,
+                 message: str = "") -> None:
+        for name, value in zip(self._fields, (code, severity, meaning, qemu, message),
+                               strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> NoReturn:
+        raise _frozen(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> NoReturn:
+        raise _frozen(f"cannot delete field {name!r}")
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
+
+    def __reduce__(self) -> tuple[type[FindingKind], tuple[Any, ...]]:
+        # The default reduce restores slots with setattr, which is refused here.
+        return (self.__class__, self._astuple())
+
+
+def _frozen(message: str) -> AttributeError:
+    # What a frozen dataclass raises; imported only here, dataclasses is slow to import.
+    from dataclasses import FrozenInstanceError
+
+    return FrozenInstanceError(message)
 
 
 E, W, N = Severity.ERROR, Severity.WARNING, Severity.NOTE

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+
+from analyzer.records import Fields
 
 __all__ = [
     "ACK",
@@ -107,19 +108,23 @@ _ip4tcp = struct.Struct("!" + _IP4TCP).unpack_from
 _eth_ip4tcp = struct.Struct("!12xH" + _IP4TCP).unpack_from
 
 
-@dataclass(slots=True)
-class TcpSegment:
-    timestamp: float
-    src: str
-    sport: int
-    dst: str
-    dport: int
-    seq: int
-    ack: int
-    flags: int
-    # Zero-copy view into the frame: copy it if it must outlive the capture reader.
-    payload: memoryview
-    window: int
+class TcpSegment(Fields):
+    __slots__ = _fields = ("timestamp", "src", "sport", "dst", "dport", "seq", "ack", "flags",
+                           "payload", "window")
+
+    def __init__(self, timestamp: float, src: str, sport: int, dst: str, dport: int, seq: int,
+                 ack: int, flags: int, payload: memoryview, window: int) -> None:
+        self.timestamp = timestamp
+        self.src = src
+        self.sport = sport
+        self.dst = dst
+        self.dport = dport
+        self.seq = seq
+        self.ack = ack
+        self.flags = flags
+        # Zero-copy view into the frame: copy it if it must outlive the capture reader.
+        self.payload = payload
+        self.window = window
 
 
 def format_flags(flags: int) -> str:

@@ -18,8 +18,9 @@ import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
+
+from analyzer.records import Fields
 
 __all__ = [
     "CaptureFormatError",
@@ -43,16 +44,19 @@ class Frame(NamedTuple):
     original_length: int
 
 
-@dataclass(slots=True)
-class Interface:
+class Interface(Fields):
     """A pcapng Interface Description Block (or the implicit one of classic pcap)."""
 
-    linktype: int
-    snaplen: int
-    name: str | None = None
-    # Raw timestamps are divided by this (an int keeps 2**-n and 10**-n exact).
-    ts_divisor: int = 1_000_000
-    ts_offset: int = 0
+    __slots__ = _fields = ("linktype", "snaplen", "name", "ts_divisor", "ts_offset")
+
+    def __init__(self, linktype: int, snaplen: int, name: str | None = None,
+                 ts_divisor: int = 1_000_000, ts_offset: int = 0) -> None:
+        self.linktype = linktype
+        self.snaplen = snaplen
+        self.name = name
+        # Raw timestamps are divided by this (an int keeps 2**-n and 10**-n exact).
+        self.ts_divisor = ts_divisor
+        self.ts_offset = ts_offset
 
 
 CaptureFormat = Literal["pcap", "pcapng", "raw"]

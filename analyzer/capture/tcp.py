@@ -28,10 +28,10 @@ the FIN resolves it promptly on any capture that sees both directions.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from analyzer.capture.frames import ACK, FIN, RST, SYN, TcpSegment
+from analyzer.records import Fields
 
 __all__ = [
     "Connection",
@@ -76,82 +76,105 @@ class FlowKey(NamedTuple):
         return f"{src}:{self.sport} -> {dst}:{self.dport}{gen}"
 
 
-@dataclass(slots=True)
-class StreamOpened:
-    flow: FlowKey
-    timestamp: float
-    syn_seen: bool
+class StreamOpened(Fields):
+    __slots__ = _fields = ("flow", "timestamp", "syn_seen")
+
+    def __init__(self, flow: FlowKey, timestamp: float, syn_seen: bool) -> None:
+        self.flow = flow
+        self.timestamp = timestamp
+        self.syn_seen = syn_seen
 
 
-@dataclass(slots=True)
-class StreamData:
+class StreamData(Fields):
     """In-order, non-overlapping stream bytes.
 
     ``data`` may be a memoryview into the capture mapping: copy it to keep it.
     ``timestamp`` is the capture time of the segment that carried the bytes.
     """
 
-    flow: FlowKey
-    offset: int
-    data: memoryview | bytes
-    timestamp: float
+    __slots__ = _fields = ("flow", "offset", "data", "timestamp")
+
+    def __init__(self, flow: FlowKey, offset: int, data: memoryview | bytes,
+                 timestamp: float) -> None:
+        self.flow = flow
+        self.offset = offset
+        self.data = data
+        self.timestamp = timestamp
 
 
-@dataclass(slots=True)
-class StreamGap:
+class StreamGap(Fields):
     """``length`` bytes at ``offset`` were never captured; the stream resumes after them."""
 
-    flow: FlowKey
-    offset: int
-    length: int
-    timestamp: float
+    __slots__ = _fields = ("flow", "offset", "length", "timestamp")
+
+    def __init__(self, flow: FlowKey, offset: int, length: int, timestamp: float) -> None:
+        self.flow = flow
+        self.offset = offset
+        self.length = length
+        self.timestamp = timestamp
 
 
-@dataclass(slots=True)
-class StreamReset:
+class StreamReset(Fields):
     """The sender of ``flow`` reset the connection; no more events for this flow."""
 
-    flow: FlowKey
-    timestamp: float
+    __slots__ = _fields = ("flow", "timestamp")
+
+    def __init__(self, flow: FlowKey, timestamp: float) -> None:
+        self.flow = flow
+        self.timestamp = timestamp
 
 
-@dataclass(slots=True)
-class StreamClosed:
+class StreamClosed(Fields):
     """The sender's FIN was reached in order; no more events for this flow."""
 
-    flow: FlowKey
-    timestamp: float
+    __slots__ = _fields = ("flow", "timestamp")
+
+    def __init__(self, flow: FlowKey, timestamp: float) -> None:
+        self.flow = flow
+        self.timestamp = timestamp
 
 
 StreamEvent = StreamOpened | StreamData | StreamGap | StreamReset | StreamClosed
 
 
-@dataclass(slots=True, eq=False)
-class Connection:
+class Connection(Fields):
     """Both directions of one connection.
 
     ``client`` sent the first SYN without ACK if one was seen, otherwise it is
     the direction of the first segment seen.
     """
 
-    client: FlowKey
-    server: FlowKey
-    generation: int
-    first_timestamp: float
+    __slots__ = _fields = ("client", "server", "generation", "first_timestamp")
+    # Each connection is its own: equal only to itself, hashable by identity.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, client: FlowKey, server: FlowKey, generation: int,
+                 first_timestamp: float) -> None:
+        self.client = client
+        self.server = server
+        self.generation = generation
+        self.first_timestamp = first_timestamp
 
 
-@dataclass(slots=True)
-class FlowStats:
-    flow: FlowKey
-    syn_seen: bool
-    next_offset: int
-    gap_bytes: int
-    gaps: int
-    retransmitted_segments: int
-    out_of_order_segments: int
-    buffered_bytes: int
-    closed: bool
-    reset: bool
+class FlowStats(Fields):
+    __slots__ = _fields = ("flow", "syn_seen", "next_offset", "gap_bytes", "gaps",
+                           "retransmitted_segments", "out_of_order_segments", "buffered_bytes",
+                           "closed", "reset")
+
+    def __init__(self, flow: FlowKey, syn_seen: bool, next_offset: int, gap_bytes: int,
+                 gaps: int, retransmitted_segments: int, out_of_order_segments: int,
+                 buffered_bytes: int, closed: bool, reset: bool) -> None:
+        self.flow = flow
+        self.syn_seen = syn_seen
+        self.next_offset = next_offset
+        self.gap_bytes = gap_bytes
+        self.gaps = gaps
+        self.retransmitted_segments = retransmitted_segments
+        self.out_of_order_segments = out_of_order_segments
+        self.buffered_bytes = buffered_bytes
+        self.closed = closed
+        self.reset = reset
 
 
 class _Dir:
