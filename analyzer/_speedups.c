@@ -412,6 +412,10 @@ static PyObject *prefault(PyObject *self, PyObject *args)
         int busy = 0;
         if (limit > size)
             limit = size;
+        /* Preempted, we may have fallen behind the walk: pages it has passed may
+         * already be released, and touching them would map them again for good. */
+        if (pos < consumer)
+            pos = (Py_ssize_t)consumer - (Py_ssize_t)consumer % 4096;
         if (pos < limit) {
             Py_ssize_t until = pos + (1 << 20) < limit ? pos + (1 << 20) : (Py_ssize_t)limit;
             for (; pos < until; pos += 4096)
