@@ -36,6 +36,11 @@ static inline uint32_t le32(const unsigned char *p)
            (uint32_t)p[0];
 }
 
+static inline uint32_t rd32(const unsigned char *p, int little)
+{
+    return little ? le32(p) : be32(p);
+}
+
 static inline unsigned be16(const unsigned char *p)
 {
     return ((unsigned)p[0] << 8) | (unsigned)p[1];
@@ -152,11 +157,13 @@ static Py_ssize_t ram_walk_payload(struct ram_walk *w, const unsigned char *data
 }
 
 PyDoc_STRVAR(scan_lane_doc,
-"scan_lane(data, off, stop, little_endian, ack_keys, ack_seqs, data_key, data_seq,\n"
-"          gather_limit, direct_min, ram)\n"
+"scan_lane(data, off, stop, little_endian, pcapng_iface, ack_keys, ack_seqs, data_key,\n"
+"          data_seq, gather_limit, direct_min, ram)\n"
 "-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
 "    ram_out)\n\n"
-"Walk classic pcap records of an Ethernet capture from data[off:] while they are\n"
+"Walk the records of an Ethernet capture from data[off:]: classic pcap records when\n"
+"pcapng_iface is -1, else pcapng EPBs of that interface (any other block ends the\n"
+"walk; record times are then the timestamp's high and low halves), while they are\n"
 "in-order segments that analyzer.fastpath's lane takes: pure ACKs of a lane whose\n"
 "next sequence number is known (ack_keys: 12-byte keys as on the wire, addresses\n"
 "then ports, concatenated; ack_seqs: their next sequence numbers) are dropped, and\n"
@@ -185,8 +192,9 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     int little;
     PyObject *ack_seqs, *data_key_obj, *ram_obj;
     unsigned long long data_seq_in;
-    if (!PyArg_ParseTuple(args, "y*nnpy*OOKnnO", &buf, &off, &stop, &little, &ackbuf,
-                          &ack_seqs, &data_key_obj, &data_seq_in, &gather_limit,
+    Py_ssize_t pcapng_iface;
+    if (!PyArg_ParseTuple(args, "y*nnpny*OOKnnO", &buf, &off, &stop, &little, &pcapng_iface,
+                          &ackbuf, &ack_seqs, &data_key_obj, &data_seq_in, &gather_limit,
                           &direct_min, &ram_obj))
         return NULL;
 
@@ -260,11 +268,37 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
             break;
         }
         const unsigned char *rec = data + off;
-        uint32_t sec = little ? le32(rec) : be32(rec);
-        uint32_t frac = little ? le32(rec + 4) : be32(rec + 4);
-        uint32_t caplen = little ? le32(rec + 8) : be32(rec + 8);
-        Py_ssize_t start = off + 16;
-        if ((Py_ssize_t)caplen > size - start || caplen < HEADERS_LEN) {
+        uint32_t sec, frac, caplen;
+        Py_ssize_t start, next;
+        if (pcapng_iface < 0) { /* classic pcap: 16-byte record header, then data */
+            sec = rd32(rec, little);
+            frac = rd32(rec + 4, little);
+            caplen = rd32(rec + 8, little);
+            start = off + 16;
+            if ((Py_ssize_t)caplen > size - start) {
+                status = SCAN_GENERAL;
+                break;
+            }
+            next = start + caplen;
+        } else { /* pcapng: only well-formed EPBs of the lane's interface */
+            uint32_t btype = rd32(rec, little), blen = rd32(rec + 4, little);
+            if (btype != 6 || blen < 32 || (blen & 3) || (Py_ssize_t)blen > size - off ||
+                rd32(rec + blen - 4, little) != blen ||
+                rd32(rec + 8, little) != (uint32_t)pcapng_iface) {
+                status = SCAN_GENERAL;
+                break;
+            }
+            sec = rd32(rec + 12, little); /* timestamp, high half */
+            frac = rd32(rec + 16, little); /* low half */
+            caplen = rd32(rec + 20, little);
+            if (caplen > blen - 32) {
+                status = SCAN_GENERAL;
+                break;
+            }
+            start = off + 28;
+            next = off + blen;
+        }
+        if (caplen < HEADERS_LEN) {
             status = SCAN_GENERAL;
             break;
         }
@@ -303,7 +337,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         Py_ssize_t n = frame_end - data_start;
         if (n == 0) { /* an in-order pure ACK: dropped, as the reassembler would */
             last = off;
-            off = end;
+            off = next;
             continue;
         }
         if (!in_order) { /* data the lane does not take here */
@@ -312,7 +346,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         }
         data_seq = (uint32_t)(seq + (uint32_t)n);
         last = off;
-        off = end;
+        off = next;
         if (ram_mode) {
             gsec = sec;
             gfrac = frac;

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from analyzer import speedups
 from analyzer.capture import CaptureReader, parse_frame
 from analyzer.capture.frames import LINKTYPE_ETHERNET
-from analyzer.capture.pcapfile import _RELEASE_STEP
+from analyzer.capture.pcapfile import _RELEASE_STEP, Frame, PcapngWalker
 
 if TYPE_CHECKING:
     from analyzer.analysis import CaptureDemux, MigrationStream
@@ -51,19 +51,22 @@ _IPV4_NO_OPTIONS = b"\x08\x00\x45"
 
 def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
     """Feed every frame of `reader` to `demux` (raises CaptureFormatError like iteration)."""
-    interfaces = reader.interfaces
-    if reader.format != "pcap" or interfaces[0].linktype != LINKTYPE_ETHERNET:
+    ethernet_pcap = (reader.format == "pcap"
+                     and reader.interfaces[0].linktype == LINKTYPE_ETHERNET)
+    if speedups.native is not None and (ethernet_pcap or reader.format == "pcapng"):
+        prefaulter = _Prefaulter(reader)
+        with prefaulter:
+            try:
+                _pump_native(reader, demux, prefaulter)
+            except (struct.error, IndexError, OverflowError, ValueError) as exc:
+                raise reader._malformed(exc) from exc
+    elif ethernet_pcap:
+        _pump_ethernet_pcap(reader, demux)
+    else:
         for frame in reader:
             segment = parse_frame(frame.linktype, frame.data, frame.timestamp)
             if segment is not None:
                 demux.segment(segment)
-        return
-    if speedups.native is not None:
-        prefaulter = _Prefaulter(reader)
-        with prefaulter:
-            _pump_ethernet_pcap_native(reader, demux, prefaulter)
-    else:
-        _pump_ethernet_pcap(reader, demux)
 
 
 def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
@@ -140,7 +143,7 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
             gathered_for.feed(  # type: ignore[union-attr]
                 gathered, gathered_sec + gathered_frac / divisor)
             gathered = bytearray()
-        _general_frame(demux, lanes, view, start, end, ts)
+        _general_frame(demux, lanes, view[start:end], LINKTYPE_ETHERNET, ts)
     if gathered:
         gathered_for.feed(  # type: ignore[union-attr]
             gathered, gathered_sec + gathered_frac / divisor)
@@ -151,15 +154,16 @@ def _pump_ethernet_pcap(reader: CaptureReader, demux: CaptureDemux) -> None:
 
 
 def _general_frame(demux: CaptureDemux, lanes: dict[bytes, tuple[_Dir, MigrationStream | None]],
-                   view: memoryview, start: int, end: int, ts: float) -> None:
+                   data: memoryview, linktype: int, ts: float) -> None:
     """One frame the lane did not take, through parse_frame and the reassembler."""
     demux.reassembler._last_ts = ts
-    segment = parse_frame(LINKTYPE_ETHERNET, view[start:end], ts)
+    segment = parse_frame(linktype, data, ts)
     if segment is None:
         return
     demux.segment(segment)
-    _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
-                   view, start, end - start)
+    if linktype == LINKTYPE_ETHERNET:
+        _refresh_lanes(lanes, demux, segment.src, segment.sport, segment.dst, segment.dport,
+                       data)
 
 
 class _Prefaulter:
@@ -195,27 +199,94 @@ class _Prefaulter:
             self.thread.join()
 
 
-def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
-                               prefaulter: _Prefaulter) -> None:
-    """_pump_ethernet_pcap with its frame loop in C (analyzer/_speedups.c scan_lane).
+class _PcapRecords:
+    """Classic pcap records for _pump_native: the C walk's parameters and the
+    general path for the records it hands back."""
 
-    The lane rules are the same; what differs is who gathers. C walks frames until
-    one needs Python, gathers the small payloads of one data lane into a fresh bytes
-    object, and hands back big payloads as offsets to feed without copying. A data
-    frame of another migration flow (multifd) goes through the general path and
-    makes that flow the data lane.
+    def __init__(self, reader: CaptureReader) -> None:
+        self.reader = reader
+        self.little = reader._pcap_order == "<"
+        self.rec = struct.Struct(reader._pcap_order + "II").unpack_from
+        self.divisor = reader.interfaces[0].ts_divisor
+
+    def lane_interface(self) -> int | None:
+        return -1  # classic pcap (scan_lane's convention)
+
+    def clock(self, sec: int, frac: int) -> float:
+        return sec + frac / self.divisor
+
+    def time_at(self, off: int) -> float:
+        return self.clock(*self.rec(self.reader._view, off))
+
+    def step(self, off: int) -> tuple[int, Frame | None]:
+        record = self.reader._pcap_record(off)
+        if record is None:
+            return -1, None
+        ts, start, end = record
+        view = self.reader._view
+        assert view is not None
+        return end, Frame(ts, LINKTYPE_ETHERNET, view[start:end], 0, end - start)
+
+    def follow(self, frame: Frame) -> None:
+        pass  # one interface
+
+
+class _PcapngRecords:
+    """pcapng blocks for _pump_native: C walks the EPBs of the Ethernet interface the
+    migration was last seen on; every other block goes through PcapngWalker."""
+
+    def __init__(self, reader: CaptureReader) -> None:
+        self.walker = PcapngWalker(reader)
+        self.interface: int | None = None  # where the lanes' frames were last seen
+        self.section = reader.sections
+
+    @property
+    def little(self) -> bool:
+        return self.walker.order == "<"
+
+    def lane_interface(self) -> int | None:
+        return self.interface if self.section == self.walker.reader.sections else None
+
+    def clock(self, high: int, low: int) -> float:
+        iface = self.walker.interfaces[self.interface or 0]
+        return ((high << 32) | low) / iface.ts_divisor + iface.ts_offset
+
+    def time_at(self, off: int) -> float:
+        view = self.walker.view
+        return self.clock(*struct.unpack_from(self.walker.order + "II", view, off + 12))
+
+    def step(self, off: int) -> tuple[int, Frame | None]:
+        return self.walker.step(off)
+
+    def follow(self, frame: Frame) -> None:
+        """`frame` belongs to a lane: C walks its interface's EPBs from now on."""
+        self.interface = frame.interface_id
+        self.section = self.walker.reader.sections
+
+
+def _pump_native(reader: CaptureReader, demux: CaptureDemux, prefaulter: _Prefaulter) -> None:
+    """The lane with its frame loop in C (analyzer/_speedups.c scan_lane), for classic
+    pcap and pcapng alike.
+
+    The lane rules are those of _pump_ethernet_pcap; what differs is who gathers. C
+    walks records until one needs Python, gathers the small payloads of one data
+    lane into a fresh bytes object, hands back big payloads as offsets to feed
+    without copying, and while the decoder sits between RAM records walks those
+    itself. A record it hands back goes through the general path, in file order;
+    in-order data of another migration flow there (multifd) makes that flow the
+    data lane.
     """
     native = speedups.native
     assert native is not None
     view = reader._view
     assert view is not None
     size = len(view)
-    rec = struct.Struct(reader._pcap_order + "IIII").unpack_from
-    little = reader._pcap_order == "<"
-    divisor = reader.interfaces[0].ts_divisor
+    records: _PcapRecords | _PcapngRecords = (
+        _PcapRecords(reader) if reader.format == "pcap" else _PcapngRecords(reader))
     lanes: dict[bytes, tuple[_Dir, MigrationStream | None]] = {}
     data_key: bytes | None = None  # the lane C gathers for
-    off = last = 24
+    off = 24 if reader.format == "pcap" else 0
+    last = -1  # the last record C consumed
     release_at = _RELEASE_STEP
     control = prefaulter.control
     releases = prefaulter.thread is None  # else the thread releases behind us
@@ -232,71 +303,78 @@ def _pump_ethernet_pcap_native(reader: CaptureReader, demux: CaptureDemux,
                     reader._released = control[4]
                     reader._release_behind(off)
                     control[4] = reader._released
-        data_lane = lanes.get(data_key) if data_key is not None else None
-        if data_lane is None or data_lane[1] is None or data_lane[0].pending \
-                or data_lane[0].peer.pending:
-            data_lane = None
-        ack_keys = []
-        ack_seqs = []
-        for key, (d, _stream) in lanes.items():
-            if key != data_key and not d.pending and not d.peer.pending:
-                ack_keys.append(key)
-                ack_seqs.append(d.next_seq)
-        ram = data_lane[1].ram_walk_state() if data_lane is not None else None  # type: ignore[union-attr]
-        (status, off, walked_last, seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac, ram_out
-         ) = native.scan_lane(
-            view, off, min(size, release_at), little, b"".join(ack_keys), tuple(ack_seqs),
-            data_key if data_lane is not None else None,
-            data_lane[0].next_seq if data_lane is not None else 0, _GATHER, _DIRECT, ram)
-        if walked_last >= 0:
-            last = walked_last
-        if data_lane is not None and seq != data_lane[0].next_seq:
-            d, stream = data_lane
-            assert stream is not None
-            d.next_off += (seq - d.next_seq) & _MASK
-            d.next_seq = seq
-            if ram_out is not None:
-                taken, pages, zeros, skip, skip_start, head = ram_out
-                stream.ram_walked(taken, pages, zeros, skip, skip_start, gsec + gfrac / divisor)
-                if status == 4:  # the walk met another record: the decoder takes it from here
-                    stream.feed(head + view[dstart:dend] if head else view[dstart:dend],
-                                dsec + dfrac / divisor)
-                elif head:  # a record header cut by the end of the walk
-                    stream.feed(head, gsec + gfrac / divisor)
-            else:
-                if gathered:
-                    stream.feed(gathered, gsec + gfrac / divisor)
-                if status == 3:
-                    stream.feed(view[dstart:dend], dsec + dfrac / divisor)
+        interface = records.lane_interface()
+        status = 1
+        if interface is not None:
+            data_lane = lanes.get(data_key) if data_key is not None else None
+            if data_lane is None or data_lane[1] is None or data_lane[0].pending \
+                    or data_lane[0].peer.pending:
+                data_lane = None
+            ack_keys = []
+            ack_seqs = []
+            for key, (d, _stream) in lanes.items():
+                if key != data_key and not d.pending and not d.peer.pending:
+                    ack_keys.append(key)
+                    ack_seqs.append(d.next_seq)
+            ram = data_lane[1].ram_walk_state() if data_lane is not None else None  # type: ignore[union-attr]
+            (status, off, walked_last, seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,
+             ram_out) = native.scan_lane(
+                view, off, min(size, release_at), records.little, interface,
+                b"".join(ack_keys), tuple(ack_seqs),
+                data_key if data_lane is not None else None,
+                data_lane[0].next_seq if data_lane is not None else 0, _GATHER, _DIRECT, ram)
+            if walked_last >= 0:
+                last = walked_last
+            if data_lane is not None and seq != data_lane[0].next_seq:
+                d, stream = data_lane
+                assert stream is not None
+                d.next_off += (seq - d.next_seq) & _MASK
+                d.next_seq = seq
+                if ram_out is not None:
+                    taken, pages, zeros, skip, skip_start, head = ram_out
+                    stream.ram_walked(taken, pages, zeros, skip, skip_start,
+                                      records.clock(gsec, gfrac))
+                    if status == 4:  # the walk met another record: the decoder takes it
+                        stream.feed(head + view[dstart:dend] if head else view[dstart:dend],
+                                    records.clock(dsec, dfrac))
+                    elif head:  # a record header cut by the end of the walk
+                        stream.feed(head, records.clock(gsec, gfrac))
+                else:
+                    if gathered:
+                        stream.feed(gathered, records.clock(gsec, gfrac))
+                    if status == 3:
+                        stream.feed(view[dstart:dend], records.clock(dsec, dfrac))
         if status != 1:
             continue
-        # The record at off needs Python: truncated, or not a frame C's lane takes
-        # (handshake, retransmission, another flow...): the general path, in order.
-        record = reader._pcap_record(off)
-        if record is None:
+        # The record at off needs Python: truncated, a block C does not read, or not
+        # a frame C's lane takes (handshake, retransmission, another flow...).
+        off, frame = records.step(off)
+        if off < 0:
             break
-        ts, start, end = record
-        last = off
-        off = end
-        _general_frame(demux, lanes, view, start, end, ts)
-        # In-order data of another migration flow (multifd): C gathers for it next.
-        key = bytes(view[start + 26 : start + 38]) if end - start >= _HEADERS_LEN else b""
+        if frame is None:
+            continue
+        last = -1
+        _general_frame(demux, lanes, frame.data, frame.linktype, frame.timestamp)
+        key = bytes(frame.data[26:38]) if frame.linktype == LINKTYPE_ETHERNET \
+            and len(frame.data) >= _HEADERS_LEN else b""
         lane = lanes.get(key)
-        if lane is not None and lane[1] is not None:
-            data_key = key
-    if off > 24:
+        if lane is not None:
+            records.follow(frame)
+            if lane[1] is not None:
+                data_key = key
+    if last >= 0:
         # The last frames may have been ACKs the lane dropped without a clock.
-        sec, frac = rec(view, last)[:2]
-        demux.reassembler._last_ts = max(demux.reassembler._last_ts, sec + frac / divisor)
+        demux.reassembler._last_ts = max(demux.reassembler._last_ts, records.time_at(last))
 
 
 def _refresh_lanes(lanes: dict[bytes, tuple[_Dir, MigrationStream | None]],
                    demux: CaptureDemux, src: str, sport: int, dst: str, dport: int,
-                   view: memoryview, start: int, caplen: int) -> None:
-    """After the general path handled a frame, (re)open the lanes of its connection."""
-    if caplen < _HEADERS_LEN or view[start + 12 : start + 15] != _IPV4_NO_OPTIONS:
+                   frame: memoryview) -> None:
+    """After the general path handled an Ethernet frame, (re)open the lanes of its
+    connection."""
+    if len(frame) < _HEADERS_LEN or frame[12:15] != _IPV4_NO_OPTIONS:
         return
-    raw = bytes(view[start + 26 : start + 38])
+    raw = bytes(frame[26:38])
     reverse = raw[4:8] + raw[:4] + raw[10:12] + raw[8:10]
     dirs = demux.reassembler._dirs
     for key, key4 in ((raw, (src, sport, dst, dport)), (reverse, (dst, dport, src, sport))):

@@ -191,3 +191,51 @@ def test_tcp_options_take_the_general_path(tmp_path, monkeypatch):
     fast, slow = both_ways(write_pcap(tmp_path / "opts.pcap", frames), monkeypatch)
     assert fast == slow
     assert fast["migrations"][0]["stream_bytes"] == len(stream)
+
+
+def _block(kind: int, body: bytes) -> bytes:
+    body += b"\0" * (-len(body) % 4)
+    length = 12 + len(body)
+    return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
+
+
+def write_pcapng(path: Path, frames: list[tuple[int, bytes]], cut: int = 0) -> Path:
+    """frames: (interface, frame) pairs. Interface 0 is Ethernet in microseconds,
+    interface 1 Ethernet in nanoseconds; a custom block every 40 packets."""
+    shb = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    nanos = struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0)  # if_tsresol 10^-9
+    parts = [shb, _block(1, struct.pack("<HHI", 1, 0, 262144)),
+             _block(1, struct.pack("<HHI", 1, 0, 262144) + nanos)]
+    for i, (interface, frame) in enumerate(frames):
+        ticks = (1_700_000_000 * 10**6 + i * 1000) * (1000 if interface else 1)
+        parts.append(_block(6, struct.pack("<IIIII", interface, ticks >> 32,
+                                           ticks & 0xFFFFFFFF, len(frame), len(frame))
+                            + frame))
+        if i % 40 == 39:
+            parts.append(_block(0x00000BAD, b"custom block the lane must step over"))
+    data = b"".join(parts)
+    path.write_bytes(data[: len(data) - cut])
+    return path
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_pcapng_two_interfaces_match_general_path_and_pcap(tmp_path, monkeypatch, seed):
+    """pcapng takes the C lane too (EPBs of the interface the migration is seen on);
+    the other interface, custom blocks and a cut end go the general way."""
+    stream = precopy_stream(extra_pages=100)
+    frames = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444), stream, seed,
+                              seed == 9)
+    other = Conn("10.0.0.9", 5000, "10.0.0.8", 80)
+    noise = other.handshake() + [other.send(True, b"x" * 700) for _ in range(60)]
+    mixed = [(0, frame) for frame in frames]
+    for i, frame in enumerate(noise):
+        mixed.insert(3 + i * 7, (1, frame))
+    fast, slow = both_ways(write_pcapng(tmp_path / "two.pcapng", mixed), monkeypatch)
+    assert fast == slow
+    pcap = analyze_path(write_pcap(tmp_path / "one.pcap", frames)).as_json()
+    assert bitmaps_of(fast) == bitmaps_of(pcap) and all(sha for _, sha in bitmaps_of(fast))
+    assert fast["migrations"][0]["stream_bytes"] == len(stream)
+    cut_fast, cut_slow = both_ways(write_pcapng(tmp_path / "cut.pcapng", mixed, cut=300),
+                                   monkeypatch)
+    assert cut_fast == cut_slow
+    assert "capture-truncated" in {f["code"] for f in cut_fast["findings"]}

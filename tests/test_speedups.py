@@ -104,27 +104,54 @@ def _pcap_record(payload_len: int, caplen: int | None = None, seq: int = 1000) -
                        len(frame)) + frame
 
 
+def _epb(record: bytes, interface: int = 0, blen_delta: int = 0) -> bytes:
+    """The frame of a _pcap_record as a pcapng EPB (little-endian section)."""
+    frame = record[16:]
+    padded = frame + b"\0" * (-len(frame) % 4)
+    blen = 32 + len(padded) + blen_delta
+    return (struct.pack("<IIIIIII", 6, blen, interface, 0, 12345, len(frame), len(frame))
+            + padded + struct.pack("<I", blen))
+
+
+KEY = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1, 2)
+
+
+def _scan(native: Any, data: bytes, pcapng_iface: int = -1, seq: int = 1000,
+          ack_keys: bytes = b"", ack_seqs: tuple[int, ...] = (), key: Any = KEY) -> Any:
+    return native.scan_lane(data, 0, len(data), True, pcapng_iface, ack_keys, ack_seqs, key,
+                            seq, 1 << 16, 1 << 14, None)
+
+
 def test_scan_lane_hands_back_what_it_cannot_take(native):
-    key = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1, 2)
     data = _pcap_record(100) + _pcap_record(0, seq=1100)  # data, then an in-order pure ACK
-    args = (0, len(data), True, b"", (), key, 1000, 1 << 16, 1 << 14, None)
-    status, off, last, seq, gathered, *_ = native.scan_lane(data, *args)
+    status, off, last, seq, gathered, *_ = _scan(native, data)
     assert (status, off, last, seq) == (0, len(data), 116 + 54, 1100)
     assert gathered == b"\xaa" * 100
     # the next expected sequence number differs: the general path must see it
-    status, off, last, *_ = native.scan_lane(data, 0, len(data), True, b"", (), key, 999,
-                                             1 << 16, 1 << 14, None)
-    assert (status, off, last) == (1, 0, -1)
+    assert _scan(native, data, seq=999)[:3] == (1, 0, -1)
     # a record that claims more bytes than the file has
     cut = _pcap_record(100, caplen=10_000)
-    assert native.scan_lane(cut, 0, len(cut), True, b"", (), key, 1000, 1 << 16, 1 << 14,
-                            None)[:2] == (1, 0)
+    assert _scan(native, cut)[:2] == (1, 0)
     with pytest.raises(ValueError):  # a lane table that is not 12-byte keys
-        native.scan_lane(data, 0, len(data), True, b"x" * 13, (1,), key, 0, 1, 1, None)
+        _scan(native, data, ack_keys=b"x" * 13, ack_seqs=(1,))
     with pytest.raises(ValueError):  # keys and sequence numbers do not pair up
-        native.scan_lane(data, 0, len(data), True, key, (), None, 0, 1, 1, None)
+        _scan(native, data, ack_keys=KEY, key=None)
     with pytest.raises(ValueError):
-        native.scan_lane(data, 0, len(data), True, b"", (), b"short", 0, 1, 1, None)
+        _scan(native, data, key=b"short")
+
+
+def test_scan_lane_reads_pcapng_epbs_of_its_interface_only(native):
+    first, ack = _pcap_record(101), _pcap_record(0, seq=1101)
+    data = _epb(first) + _epb(ack)
+    status, off, last, seq, gathered, gsec, gfrac, *_ = _scan(native, data, pcapng_iface=0)
+    assert (status, off, last, seq) == (0, len(data), len(_epb(first)), 1101)
+    assert gathered == b"\xaa" * 101 and (gsec, gfrac) == (0, 12345)
+    # another interface's EPB, a block of another type, a bad trailer, a packet
+    # longer than its block: all left to the general path
+    for block in (_epb(first, interface=1), b"\x05" + _epb(first)[1:],
+                  _epb(first)[:-4] + b"\0\0\0\0", _epb(first, blen_delta=-4)):
+        assert _scan(native, block + data, pcapng_iface=0)[:3] == (1, 0, -1)
+    assert _scan(native, data[:40], pcapng_iface=0)[:2] == (1, 0)  # cut short
 
 
 class _NeverKeeps(dict):

@@ -300,98 +300,18 @@ class CaptureReader:
             view = self._view
             assert view is not None
             size = len(view)
-            new = _tuple_new
+            walker = PcapngWalker(self)
+            step = walker.step
             off = 0
-            order = "<"
-            hdr = struct.Struct("<II").unpack_from
-            epb = struct.Struct("<IIIII").unpack_from
-            u32 = struct.Struct("<I").unpack_from
-            opb = struct.Struct("<HHIIII").unpack_from
-            ifaces: list[Interface] = []
-            self.interfaces = ifaces
-            self.sections = 0
-            last_ts = 0.0
             release_at = _RELEASE_STEP
             while off < size:
                 if off >= release_at:
                     release_at = self._release_behind(off)
-                if off + 12 > size:
-                    self._truncated(off, "incomplete block header")
+                off, frame = step(off)
+                if frame is not None:
+                    yield frame
+                elif off < 0:
                     return
-                btype, blen = hdr(view, off)
-                if btype == _PCAPNG_SHB:
-                    order = self._shb_byte_order(view, off)
-                    hdr = struct.Struct(order + "II").unpack_from
-                    epb = struct.Struct(order + "IIIII").unpack_from
-                    u32 = struct.Struct(order + "I").unpack_from
-                    opb = struct.Struct(order + "HHIIII").unpack_from
-                    btype, blen = hdr(view, off)
-                    if blen < 28:
-                        raise self._error(off, f"section header block too short ({blen})")
-                if blen < 12 or blen & 3:
-                    raise self._error(off, f"invalid block length {blen}")
-                end = off + blen
-                if end > size:
-                    self._truncated(off, f"block needs {blen} bytes, {size - off} left")
-                    return
-                if u32(view, end - 4)[0] != blen:
-                    raise self._error(off, "block trailer length does not match header")
-
-                if btype == _BT_EPB or btype == _BT_OPB:
-                    # The obsolete Packet Block is an EPB whose interface id is 16 bits,
-                    # followed by a 16-bit drop count.
-                    if blen < 32:
-                        what = "enhanced packet" if btype == _BT_EPB else "packet"
-                        raise self._error(off, f"{what} block too short ({blen})")
-                    if btype == _BT_EPB:
-                        ifid, ts_hi, ts_lo, caplen, origlen = epb(view, off + 8)
-                    else:
-                        ifid, _drops, ts_hi, ts_lo, caplen, origlen = opb(view, off + 8)
-                    if caplen > blen - 32:
-                        raise self._error(off, f"packet length {caplen} exceeds its block")
-                    if ifid >= len(ifaces):
-                        raise self._error(off, f"packet references unknown interface {ifid}")
-                    iface = ifaces[ifid]
-                    last_ts = ((ts_hi << 32) | ts_lo) / iface.ts_divisor + iface.ts_offset
-                    start = off + 28
-                    yield new(
-                        Frame,
-                        (last_ts, iface.linktype, view[start : start + caplen], ifid, origlen),
-                    )
-                elif btype == _PCAPNG_SHB:
-                    major = struct.unpack_from(order + "H", view, off + 12)[0]
-                    if major != 1:
-                        raise self._error(off, f"unsupported pcapng version {major}")
-                    # Interface ids are scoped to their section.
-                    ifaces = []
-                    self.interfaces = ifaces
-                    self.sections += 1
-                elif btype == _BT_IDB:
-                    if blen < 20:
-                        raise self._error(off, f"interface description block too short ({blen})")
-                    ifaces.append(self._parse_idb(view, off, blen, order))
-                elif btype == _BT_SPB:
-                    if blen < 16:
-                        raise self._error(off, f"simple packet block too short ({blen})")
-                    if not ifaces:
-                        raise self._error(off, "simple packet block before any interface")
-                    iface = ifaces[0]
-                    origlen = u32(view, off + 8)[0]
-                    room = blen - 16
-                    caplen = min(origlen, room)
-                    # The block is padded to 4 bytes; when it was cut at snaplen the
-                    # padding must not be taken as packet bytes.
-                    if iface.snaplen and iface.snaplen < caplen and room - iface.snaplen < 4:
-                        caplen = iface.snaplen
-                    start = off + 12
-                    # SPBs carry no timestamp: reuse the previous one so that time
-                    # stays monotonic for rate computations.
-                    yield new(
-                        Frame, (last_ts, iface.linktype, view[start : start + caplen], 0, origlen)
-                    )
-                # Other block types (name resolution, statistics, secrets, custom) are
-                # irrelevant to stream reassembly.
-                off = end
         except CaptureFormatError:
             raise
         except (struct.error, IndexError, OverflowError, ValueError) as exc:
@@ -437,6 +357,112 @@ class CaptureReader:
                 )
             opt = value + ((length + 3) & ~3)
         return iface
+
+
+class PcapngWalker:
+    """Reads a pcapng file one block at a time, from any block offset on.
+
+    Holds what earlier blocks set (the section's byte order, its interfaces, the
+    last timestamp for SPBs), so that a caller that walks some blocks itself (the
+    C lane in analyzer.fastpath) can hand the others here in file order.
+    """
+
+    def __init__(self, reader: CaptureReader) -> None:
+        self.reader = reader
+        self.view = reader._view
+        assert self.view is not None
+        self.order = "<"
+        self._structs("<")
+        self.interfaces: list[Interface] = []
+        reader.interfaces = self.interfaces
+        reader.sections = 0
+        self.last_ts = 0.0
+
+    def _structs(self, order: str) -> None:
+        self.hdr = struct.Struct(order + "II").unpack_from
+        self.epb = struct.Struct(order + "IIIII").unpack_from
+        self.u32 = struct.Struct(order + "I").unpack_from
+        self.opb = struct.Struct(order + "HHIIII").unpack_from
+
+    def step(self, off: int) -> tuple[int, Frame | None]:
+        """The block at `off`: (offset of the next block, its frame or None). The
+        offset is -1 when the file ends truncated there (reported to the reader);
+        a malformed block raises CaptureFormatError."""
+        reader = self.reader
+        view = self.view
+        size = len(view)
+        if off + 12 > size:
+            reader._truncated(off, "incomplete block header")
+            return -1, None
+        btype, blen = self.hdr(view, off)
+        if btype == _PCAPNG_SHB:
+            self.order = reader._shb_byte_order(view, off)
+            self._structs(self.order)
+            btype, blen = self.hdr(view, off)
+            if blen < 28:
+                raise reader._error(off, f"section header block too short ({blen})")
+        if blen < 12 or blen & 3:
+            raise reader._error(off, f"invalid block length {blen}")
+        end = off + blen
+        if end > size:
+            reader._truncated(off, f"block needs {blen} bytes, {size - off} left")
+            return -1, None
+        if self.u32(view, end - 4)[0] != blen:
+            raise reader._error(off, "block trailer length does not match header")
+
+        ifaces = self.interfaces
+        if btype == _BT_EPB or btype == _BT_OPB:
+            # The obsolete Packet Block is an EPB whose interface id is 16 bits,
+            # followed by a 16-bit drop count.
+            if blen < 32:
+                what = "enhanced packet" if btype == _BT_EPB else "packet"
+                raise reader._error(off, f"{what} block too short ({blen})")
+            if btype == _BT_EPB:
+                ifid, ts_hi, ts_lo, caplen, origlen = self.epb(view, off + 8)
+            else:
+                ifid, _drops, ts_hi, ts_lo, caplen, origlen = self.opb(view, off + 8)
+            if caplen > blen - 32:
+                raise reader._error(off, f"packet length {caplen} exceeds its block")
+            if ifid >= len(ifaces):
+                raise reader._error(off, f"packet references unknown interface {ifid}")
+            iface = ifaces[ifid]
+            self.last_ts = ((ts_hi << 32) | ts_lo) / iface.ts_divisor + iface.ts_offset
+            start = off + 28
+            return end, _tuple_new(
+                Frame, (self.last_ts, iface.linktype, view[start : start + caplen], ifid, origlen))
+        if btype == _PCAPNG_SHB:
+            major = struct.unpack_from(self.order + "H", view, off + 12)[0]
+            if major != 1:
+                raise reader._error(off, f"unsupported pcapng version {major}")
+            # Interface ids are scoped to their section.
+            self.interfaces = []
+            reader.interfaces = self.interfaces
+            reader.sections += 1
+        elif btype == _BT_IDB:
+            if blen < 20:
+                raise reader._error(off, f"interface description block too short ({blen})")
+            ifaces.append(reader._parse_idb(view, off, blen, self.order))
+        elif btype == _BT_SPB:
+            if blen < 16:
+                raise reader._error(off, f"simple packet block too short ({blen})")
+            if not ifaces:
+                raise reader._error(off, "simple packet block before any interface")
+            iface = ifaces[0]
+            origlen = self.u32(view, off + 8)[0]
+            room = blen - 16
+            caplen = min(origlen, room)
+            # The block is padded to 4 bytes; when it was cut at snaplen the
+            # padding must not be taken as packet bytes.
+            if iface.snaplen and iface.snaplen < caplen and room - iface.snaplen < 4:
+                caplen = iface.snaplen
+            start = off + 12
+            # SPBs carry no timestamp: reuse the previous one so that time
+            # stays monotonic for rate computations.
+            return end, _tuple_new(
+                Frame, (self.last_ts, iface.linktype, view[start : start + caplen], 0, origlen))
+        # Other block types (name resolution, statistics, secrets, custom) are
+        # irrelevant to stream reassembly.
+        return end, None
 
 
 def iter_frames(
