@@ -27,10 +27,12 @@ BUNDLED = sorted(p for p in (ROOT / "captures").glob("*/*") if p.suffix in (".pc
 RAM_STREAM = precopy_stream(extra_pages=180)
 
 
+_NOT_BUILT = "analyzer._speedups was not built (no C compiler or Python headers)"
+
+
 @pytest.fixture
 def native() -> Any:
-    require(speedups.native is not None,
-            "analyzer._speedups was not built (no C compiler or Python headers)")
+    require(speedups.native is not None, _NOT_BUILT)
     return speedups.native
 
 
@@ -61,8 +63,7 @@ def _decode(stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(0, len(RAM_STREAM)), max_size=40))
 def test_decoder_under_any_chunking(cuts):
-    if speedups.native is None:
-        pytest.skip("analyzer._speedups was not built")  # test_the_extension... fails in CI
+    require(speedups.native is not None, _NOT_BUILT)
     with_c = _decode(RAM_STREAM, cuts)
     saved, speedups.native = speedups.native, None
     try:
@@ -198,8 +199,7 @@ def _mutation_base() -> bytes:
        st.integers(0, 2000))
 def test_mutated_captures_equal_with_and_without_c(tmp_path_factory, flips, cut):
     """Hostile pcaps (flipped bytes anywhere, a cut end) give the same results either way."""
-    if speedups.native is None:
-        pytest.skip("analyzer._speedups was not built")  # test_the_extension... fails in CI
+    require(speedups.native is not None, _NOT_BUILT)
     data = bytearray(_mutation_base())
     for at, value in flips:
         data[at % len(data)] = value
