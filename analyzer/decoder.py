@@ -1122,8 +1122,8 @@ class StreamDecoder(EventQueue):
         buf = self._buf
         first = buf[pos]
         section = self._current
-        if section is None:
-            return None
+        if section is None or first not in _ITEM_AFTER_PAYLOAD:
+            return None  # nearly every record: its flags byte is no item type
         limit = pos + self._available()
 
         def short(size: int) -> bool:
@@ -1434,6 +1434,10 @@ class StreamDecoder(EventQueue):
         return False
 
 
+# What may follow a dirty-bitmap payload whose EOS was lost.
+_ITEM_AFTER_PAYLOAD = frozenset(int(t) for t in (
+    g.ItemType.SECTION_FOOTER, g.ItemType.SECTION_PART, g.ItemType.SECTION_END,
+    g.ItemType.SECTION_FULL, g.ItemType.EOF))
 _NAMES_OR_EXTRA_FLAGS = int(g.BitmapFlag.DEVICE_NAME | g.BitmapFlag.BITMAP_NAME
                             | g.BitmapFlag.EXTRA_FLAGS)
 
