@@ -15,9 +15,14 @@ pcap bytes (one struct call for the record header, one for Ethernet/IPv4/TCP) an
   would drop it.
 
 Anything else (handshake, FIN, RST, retransmission, hole, other flows, IP options,
-truncated records, pcapng, other link types) flushes what was gathered and goes
-through the general path, frame by frame, so events stay in capture order and the
-results are those of the general path (tests compare the two).
+truncated records, other link types) flushes what was gathered and goes through
+the general path, frame by frame, so events stay in capture order and the results
+are those of the general path (tests compare the two).
+
+Two implementations: _pump_native, whose frame loop is C (analyzer/_speedups.c)
+and which reads classic pcap and pcapng, and _pump_ethernet_pcap, the same lane in
+Python for classic Ethernet pcap when the extension was not built. Without it,
+pcapng goes the general path.
 """
 
 from __future__ import annotations
@@ -189,9 +194,6 @@ class _Prefaulter:
                                            args=(self.view, self.control), daemon=True)
             self.thread.start()
         return self.thread
-
-    def publish(self, offset: int) -> None:
-        self.control[0] = offset
 
     def __exit__(self, *exc: object) -> None:
         self.control[1] = 1
