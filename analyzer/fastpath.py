@@ -33,7 +33,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from analyzer import speedups
-from analyzer.capture import CaptureReader, parse_frame
+from analyzer.capture import CaptureFormatError, CaptureReader, parse_frame
 from analyzer.capture.frames import LINKTYPE_ETHERNET
 from analyzer.capture.pcapfile import _RELEASE_STEP, Frame, PcapngWalker
 
@@ -63,7 +63,10 @@ def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
         with prefaulter:
             try:
                 _pump_native(reader, demux, prefaulter)
+            except CaptureFormatError:
+                raise
             except (struct.error, IndexError, OverflowError, ValueError) as exc:
+                # The "only CaptureFormatError" contract of the readers' own loops.
                 raise reader._malformed(exc) from exc
     elif ethernet_pcap:
         _pump_ethernet_pcap(reader, demux)

@@ -175,35 +175,40 @@ def test_fixed_bitmap_heads_read_like_the_grammar(monkeypatch):
     assert sum(1 for event in learned if event[3] == "bitmap-bits") >= 4
 
 
-_MUTATED_BASE: bytes | None = None
+_MUTATION_BASES: dict[str, bytes] = {}
 
 
-def _mutation_base() -> bytes:
-    """A small RAM-heavy capture with ACKs both ways, as pcap bytes."""
-    global _MUTATED_BASE
-    if _MUTATED_BASE is None:
+def _mutation_base(suffix: str = ".pcap") -> bytes:
+    """A small RAM-heavy capture with ACKs both ways, as pcap or pcapng bytes."""
+    if suffix not in _MUTATION_BASES:
         import tempfile
 
-        from tests.test_fastpath import Conn, migration_frames, write_pcap
+        from tests.test_fastpath import Conn, migration_frames, write_pcap, write_pcapng
 
         frames = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444),
                                   precopy_stream(extra_pages=40), 11, True)
         with tempfile.TemporaryDirectory() as tmp:
-            _MUTATED_BASE = write_pcap(Path(tmp) / "base.pcap", frames).read_bytes()
-    return _MUTATED_BASE
+            path = Path(tmp) / f"base{suffix}"
+            if suffix == ".pcap":
+                write_pcap(path, frames)
+            else:
+                write_pcapng(path, [(0, frame) for frame in frames])
+            _MUTATION_BASES[suffix] = path.read_bytes()
+    return _MUTATION_BASES[suffix]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(24, 400_000), st.integers(0, 255)), min_size=1,
                 max_size=6),
-       st.integers(0, 2000))
-def test_mutated_captures_equal_with_and_without_c(tmp_path_factory, flips, cut):
-    """Hostile pcaps (flipped bytes anywhere, a cut end) give the same results either way."""
+       st.integers(0, 2000), st.sampled_from([".pcap", ".pcapng"]))
+def test_mutated_captures_equal_with_and_without_c(tmp_path_factory, flips, cut, suffix):
+    """Hostile captures (flipped bytes anywhere, a cut end) give the same results,
+    findings and errors included, either way."""
     require(speedups.native is not None, _NOT_BUILT)
-    data = bytearray(_mutation_base())
+    data = bytearray(_mutation_base(suffix))
     for at, value in flips:
         data[at % len(data)] = value
-    path = tmp_path_factory.mktemp("mut") / "m.pcap"
+    path = tmp_path_factory.mktemp("mut") / f"m{suffix}"
     path.write_bytes(bytes(data[: len(data) - cut]))
     with_c = _outcome(path)
     saved, speedups.native = speedups.native, None
