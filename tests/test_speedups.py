@@ -223,3 +223,19 @@ def _outcome(path: Path) -> Any:
         return analyze_path(path).as_json()
     except InputError as error:  # e.g. the flips destroyed the stream's magic
         return f"input error: {error}"
+
+
+def test_pure_python_switch_turns_the_extension_off(native):
+    import os
+    import subprocess
+    import sys
+
+    probe = "from analyzer import speedups; print(speedups.native is None)"
+    env = dict(os.environ, MIGSHARK_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout
+    assert out.strip() == "True"
+    env.pop("MIGSHARK_PURE_PYTHON")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, text=True,
+                         capture_output=True, check=True).stdout
+    assert out.strip() == "False"
