@@ -55,46 +55,6 @@ PyDoc_STRVAR(ram_walk_doc,
 "is counted, pos becomes len(data) and skip is the number of its bytes still to\n"
 "come; otherwise skip is 0.");
 
-static PyObject *ram_walk(PyObject *self, PyObject *args)
-{
-    Py_buffer buf;
-    Py_ssize_t pos;
-    unsigned long long mask, page_continue, zero_continue;
-    Py_ssize_t page_size;
-    if (!PyArg_ParseTuple(args, "y*nKnKK", &buf, &pos, &mask, &page_size, &page_continue,
-                          &zero_continue))
-        return NULL;
-    const unsigned char *data = buf.buf;
-    Py_ssize_t limit = buf.len;
-    long long pages = 0, zeros = 0;
-    Py_ssize_t skip = 0;
-    if (pos < 0 || page_size <= 0) {
-        PyBuffer_Release(&buf);
-        PyErr_SetString(PyExc_ValueError, "pos and page_size must be positive");
-        return NULL;
-    }
-    while (limit - pos >= 8) {
-        uint64_t flags = be64(data + pos) & mask;
-        if (flags == page_continue) {
-            pages++;
-            if (limit - pos - 8 < page_size) {
-                skip = page_size - (limit - pos - 8);
-                pos = limit;
-                break;
-            }
-            pos += 8 + page_size;
-        } else if (flags == zero_continue) {
-            if (limit - pos < 9)
-                break;
-            zeros++;
-            pos += 9;
-        } else {
-            break;
-        }
-    }
-    PyBuffer_Release(&buf);
-    return Py_BuildValue("nLLn", pos, pages, zeros, skip);
-}
 
 /* Outcomes of scan_lane: why it handed control back. */
 enum { SCAN_STOP = 0, SCAN_GENERAL = 1, SCAN_GATHERED = 2, SCAN_DIRECT = 3, SCAN_RAM_END = 4 };
@@ -154,6 +114,34 @@ static Py_ssize_t ram_walk_payload(struct ram_walk *w, const unsigned char *data
         }
     }
     return -1;
+}
+
+static PyObject *ram_walk(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    Py_ssize_t pos;
+    unsigned long long mask, page_continue, zero_continue;
+    struct ram_walk w;
+    memset(&w, 0, sizeof w);
+    if (!PyArg_ParseTuple(args, "y*nKnKK", &buf, &pos, &mask, &w.page_size, &page_continue,
+                          &zero_continue))
+        return NULL;
+    if (pos < 0 || w.page_size <= 0) {
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "pos and page_size must be positive");
+        return NULL;
+    }
+    w.mask = mask;
+    w.page_continue = page_continue;
+    w.zero_continue = zero_continue;
+    /* The payload walk over one buffer; what it would carry to a next payload (a
+     * header or a zero record cut by the end) is left for the caller instead. */
+    if (pos < buf.len) {
+        Py_ssize_t rest = ram_walk_payload(&w, buf.buf, pos, buf.len);
+        pos = (rest >= 0 ? rest : buf.len) - w.head_len;
+    }
+    PyBuffer_Release(&buf);
+    return Py_BuildValue("nLLn", pos, w.pages, w.zeros, w.skip);
 }
 
 PyDoc_STRVAR(scan_lane_doc,
