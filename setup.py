@@ -4,4 +4,6 @@ from setuptools import Extension, setup
 
 # optional=True: without a compiler or Python headers the install still succeeds and
 # migshark runs the same loops in Python (analyzer/speedups.py picks), only slower.
-setup(ext_modules=[Extension("analyzer._speedups", ["analyzer/_speedups.c"], optional=True)])
+setup(ext_modules=[
+    Extension("migshark.analyzer._speedups", ["analyzer/_speedups.c"], optional=True),
+])

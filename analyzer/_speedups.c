@@ -470,7 +470,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "analyzer._speedups",
+    PyModuleDef_HEAD_INIT, "migshark.analyzer._speedups",
     "C versions of migshark's two hot loops (see analyzer/speedups.py).", -1, methods,
 };
 

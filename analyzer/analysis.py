@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from analyzer import findings
-from analyzer.bitmaps import BitmapTracker, DestinationContext, Dialect
-from analyzer.capture import (
+from migshark.analyzer import findings
+from migshark.analyzer.bitmaps import BitmapTracker, DestinationContext, Dialect
+from migshark.analyzer.capture import (
     CaptureFormatError,
     CaptureReader,
     FlowKey,
@@ -28,13 +28,13 @@ from analyzer.capture import (
     TcpReassembler,
     sniff_format,
 )
-from analyzer.decoder import StreamDecoder
-from analyzer.fastpath import pump_capture
-from analyzer.records import Event, Fields, Finding, Record, Severity
-from dissectors.grammar import QEVM_MAGIC
+from migshark.analyzer.decoder import StreamDecoder
+from migshark.analyzer.fastpath import pump_capture
+from migshark.analyzer.records import Event, Fields, Finding, Record, Severity
+from migshark.dissectors.grammar import QEVM_MAGIC
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
-    from analyzer.mapping import BitmapMapping
+    from migshark.analyzer.mapping import BitmapMapping
 
 RAW_CHUNK = 1 << 20
 

@@ -14,12 +14,12 @@ import hashlib
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from analyzer import findings
-from analyzer.records import Event, Fields, Finding, Record
-from dissectors import grammar as g
+from migshark.analyzer import findings
+from migshark.analyzer.records import Event, Fields, Finding, Record
+from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
-    from analyzer.mapping import BitmapMapping
+    from migshark.analyzer.mapping import BitmapMapping
 
 # The largest bitmap reconstructed and hashed: 64 MiB of words holds a 256 GiB disk
 # at 512-byte granularity or 32 TiB at 64 KiB. Larger claims are reported, not hashed.

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 # records is small and format_event_line (a per-event loop in dump and the TUI)
 # needs Finding; everything heavier is imported by the handler that uses it, so that
 # `analyze` never loads the encoder or sockets and `--help` stays cheap.
-from analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.records import Event, Finding, Record, Severity
 
 if TYPE_CHECKING:
-    from analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream
+    from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -35,7 +35,7 @@ def run() -> NoReturn:
         # The imports make objects in bulk and no garbage: no collections while they
         # run, and what they made is kept out of every later one (freeze).
         gc.disable()
-        import analyzer.analysis  # noqa: F401 - the handler's heavy imports, done here
+        import migshark.analyzer.analysis  # noqa: F401 - the handler's heavy imports, done here
 
         gc.freeze()
         gc.enable()
@@ -59,7 +59,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return EXIT_UNREADABLE
-    from analyzer.analysis import InputError
+    from migshark.analyzer.analysis import InputError
 
     try:
         return int(args.handler(args))
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="migshark",
         description="Analyze QEMU live-migration streams and their dirty bitmaps.",
     )
+    from migshark import __version__
+
+    parser.add_argument("--version", action="version", version=f"migshark {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
     analyze = sub.add_parser("analyze", help="summarise a capture or raw stream")
@@ -161,39 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from analyzer.encoder import cmd_generate as run_generate
+    from migshark.analyzer.encoder import cmd_generate as run_generate
 
     return run_generate(args)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from analyzer.replay import cmd_replay as run_replay
+    from migshark.analyzer.replay import cmd_replay as run_replay
 
     return run_replay(args)
 
 
 def cmd_live(args: argparse.Namespace) -> int:
     if args.tui:
-        from tui.live import run_live_tui  # the CLI is the one place that wires tui in
+        from migshark.tui.live import run_live_tui  # the CLI is the one place that wires tui in
 
         return run_live_tui(args)
-    from analyzer.live import run_live  # scapy is slow to import: only when asked for
+    from migshark.analyzer.live import run_live  # scapy is slow to import: only when asked for
 
     return run_live(args)
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
     if args.tui:
-        from tui.proxy import run_proxy_tui
+        from migshark.tui.proxy import run_proxy_tui
 
         return run_proxy_tui(args)
-    from analyzer.proxy import run_proxy
+    from migshark.analyzer.proxy import run_proxy
 
     return run_proxy(args)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from tui.app import run  # textual loads only for the TUI; analyzer never needs tui
+    from migshark.tui.app import run  # textual loads only for the TUI; analyzer never needs tui
 
     return run(args.path, args.port)
 
@@ -214,14 +217,14 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
-    from analyzer.analysis import AnalysisOptions, InputError
-    from analyzer.bitmaps import Dialect
+    from migshark.analyzer.analysis import AnalysisOptions, InputError
+    from migshark.analyzer.bitmaps import Dialect
 
     # Subcommands without these options (live, proxy) judge against plain QEMU.
     # Their loaders are imported only when used: every import is start-up time.
     context = getattr(args, "destination", None)
     if context:
-        from analyzer.destination import DestinationError, load_destination
+        from migshark.analyzer.destination import DestinationError, load_destination
 
         try:
             extra.setdefault("destination", load_destination(context))
@@ -229,7 +232,7 @@ def _options(args: argparse.Namespace, **extra: Any) -> AnalysisOptions:
             raise InputError(str(error)) from None
     mapping = getattr(args, "bitmap_mapping", None)
     if mapping:
-        from analyzer.mapping import MappingError, load_mapping
+        from migshark.analyzer.mapping import MappingError, load_mapping
 
         try:
             extra.setdefault("mapping", load_mapping(mapping))
@@ -246,11 +249,11 @@ def exit_code(result: AnalysisResult) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
-    from analyzer.analysis import analyze_path
+    from migshark.analyzer.analysis import analyze_path
 
     exporter = None
     if args.export_scenario:
-        from analyzer.encoder import ScenarioExporter
+        from migshark.analyzer.encoder import ScenarioExporter
 
         exporter = ScenarioExporter()
     result = analyze_path(args.path, _options(args, keep_buffers=True),
@@ -266,7 +269,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from analyzer.analysis import analyze_path
+    from migshark.analyzer.analysis import analyze_path
 
     out = sys.stdout
     numbers = {"n": 0}

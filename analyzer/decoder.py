@@ -22,10 +22,10 @@ from typing import Any
 
 from construct import ConstructError
 
-from analyzer import findings, speedups
-from analyzer.records import Event, EventQueue, Finding, Record
-from analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
-from dissectors import grammar as g
+from migshark.analyzer import findings, speedups
+from migshark.analyzer.records import Event, EventQueue, Finding, Record
+from migshark.analyzer.vmstate import VmstateIncomplete, VmstateInvalid, walk_device
+from migshark.dissectors import grammar as g
 
 _RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
 _BITMAP_START_LEN = g.BitmapStart.sizeof()

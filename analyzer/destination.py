@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from analyzer.bitmaps import DestinationContext
-from analyzer.jsoninput import load_json_input
+from migshark.analyzer.bitmaps import DestinationContext
+from migshark.analyzer.jsoninput import load_json_input
 
 
 class DestinationError(ValueError):

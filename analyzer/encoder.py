@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analyzer.scenario import BitmapSpec, Fault, NodeSpec, Scenario, ScenarioError
-from dissectors import grammar as g
+from migshark.analyzer.scenario import BitmapSpec, Fault, NodeSpec, Scenario, ScenarioError
+from migshark.dissectors import grammar as g
 
 TIMER_SECTION_ID = 0
 RAM_SECTION_ID = 2
@@ -598,7 +598,7 @@ def generate(scenario: Scenario, out: str | Path, faults: list[Fault] | None = N
              ) -> dict[str, Any]:
     """Write the stream (raw, pcap or pcapng by `out`'s suffix) and its expected
     result next to it; returns the expected result."""
-    from analyzer.pcapwriter import write_capture
+    from migshark.analyzer.pcapwriter import write_capture
 
     faults = list(scenario.faults) if faults is None else faults
     fmt = output_format(out)
@@ -644,7 +644,7 @@ def bitmap_mapping(scenario: Scenario) -> list[dict[str, Any]]:
 def cmd_generate(args: Any) -> int:
     import sys
 
-    from analyzer.scenario import load_scenario, parse_fault
+    from migshark.analyzer.scenario import load_scenario, parse_fault
 
     try:
         scenario = load_scenario(args.scenario)
@@ -764,7 +764,7 @@ class ScenarioExporter:
 
     def write(self, result: Any, path: str | Path) -> int:
         """Write the first migration's scenario as TOML; returns how many there were."""
-        from analyzer.scenario import scenario_to_toml
+        from migshark.analyzer.scenario import scenario_to_toml
 
         scenarios = self.scenarios(result)
         if scenarios:
@@ -776,7 +776,7 @@ class ScenarioExporter:
 
 def export_scenario(path: str, options: Any = None) -> list[dict[str, Any]]:
     """One scenario dict per migration stream in the capture at `path`."""
-    from analyzer.analysis import AnalysisOptions, analyze_path
+    from migshark.analyzer.analysis import AnalysisOptions, analyze_path
 
     exporter = ScenarioExporter()
     result = analyze_path(path, options or AnalysisOptions(), exporter.sink)

@@ -32,14 +32,14 @@ import struct
 import threading
 from typing import TYPE_CHECKING
 
-from analyzer import speedups
-from analyzer.capture import CaptureFormatError, CaptureReader, parse_frame
-from analyzer.capture.frames import LINKTYPE_ETHERNET
-from analyzer.capture.pcapfile import _RELEASE_STEP, Frame, PcapngWalker
+from migshark.analyzer import speedups
+from migshark.analyzer.capture import CaptureFormatError, CaptureReader, parse_frame
+from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET
+from migshark.analyzer.capture.pcapfile import _RELEASE_STEP, Frame, PcapngWalker
 
 if TYPE_CHECKING:
-    from analyzer.analysis import CaptureDemux, MigrationStream
-    from analyzer.capture.tcp import _Dir
+    from migshark.analyzer.analysis import CaptureDemux, MigrationStream
+    from migshark.analyzer.capture.tcp import _Dir
 
 _MASK = 0xFFFFFFFF
 _PREFAULT_AHEAD = 48 << 20  # how far the prefault thread may run ahead of the walk

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NoReturn
 
-from analyzer.records import Fields, Finding, Severity
+from migshark.analyzer.records import Fields, Finding, Severity
 
 
 class FindingKind(Fields):

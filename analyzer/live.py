@@ -29,12 +29,17 @@ import threading
 import time
 from typing import Any, BinaryIO
 
-from analyzer import findings
-from analyzer.analysis import AnalysisOptions, AnalysisResult, CaptureDemux, MigrationStream
-from analyzer.capture import RST, FlowKey, StreamData, StreamGap, StreamReset, parse_frame
-from analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
-from analyzer.records import Event, Finding, Record, Severity
-from analyzer.returnpath import ReturnPathDecoder
+from migshark.analyzer import findings
+from migshark.analyzer.analysis import (
+    AnalysisOptions,
+    AnalysisResult,
+    CaptureDemux,
+    MigrationStream,
+)
+from migshark.analyzer.capture import RST, FlowKey, StreamData, StreamGap, StreamReset, parse_frame
+from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
+from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.returnpath import ReturnPathDecoder
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
 SNAPLEN = 262144
@@ -189,7 +194,7 @@ class LiveCapture:
         if self.args.json:
             return
         self.numbers += 1
-        from analyzer.cli import format_event_line
+        from migshark.analyzer.cli import format_event_line
 
         prefix = f"[{stream.name}] " if stream is not None and self._several() else ""
         self.out.write(prefix + format_event_line(self.numbers, event) + "\n")
@@ -217,7 +222,7 @@ class LiveCapture:
         if self.args.json:
             self.out.write(json.dumps(summary) + "\n")
         else:
-            from analyzer.cli import _format_migration
+            from migshark.analyzer.cli import _format_migration
 
             self.out.write("\n".join(_format_migration(stream.result())) + "\n")
             messages = summary["return_path"]["messages"]

@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from analyzer.jsoninput import load_json_input
+from migshark.analyzer.jsoninput import load_json_input
 
 # qemu_put_counted_string() carries at most 255 bytes; QEMU refuses longer aliases.
 MAX_ALIAS_LENGTH = 255

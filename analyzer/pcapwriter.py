@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyzer.scenario import Fault, ScenarioError, TransportSpec
+from migshark.analyzer.scenario import Fault, ScenarioError, TransportSpec
 
 LINKTYPE_ETHERNET = 1
 SNAPLEN = 262144

@@ -30,10 +30,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from analyzer import findings
-from analyzer.analysis import AnalysisOptions, AnalysisResult, EventSink, MigrationStream
-from analyzer.records import Event, Finding, Record, Severity
-from analyzer.returnpath import ReturnPathDecoder
+from migshark.analyzer import findings
+from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, EventSink, MigrationStream
+from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.returnpath import ReturnPathDecoder
 
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
@@ -379,7 +379,7 @@ class ProxiedConnection:
             return
         if self.output.as_json or isinstance(event, Record):
             return
-        from analyzer.cli import format_event_line
+        from migshark.analyzer.cli import format_event_line
 
         self.output.line(f"{self.name}: {format_event_line(0, event).strip()}")
 
@@ -396,7 +396,7 @@ class ProxiedConnection:
         if self.output.as_json:
             self.output.line(json.dumps(self.result))
             return
-        from analyzer.cli import _format_migration
+        from migshark.analyzer.cli import _format_migration
 
         lines = _format_migration(stream.result())
         rp = self.result["return_path"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyzer.scenario import Fault, ScenarioError, load_scenario, parse_fault
+from migshark.analyzer.scenario import Fault, ScenarioError, load_scenario, parse_fault
 
 SEND_CHUNK = 1 << 16
 
@@ -43,7 +43,7 @@ class ReplayReport:
 
 def load_stream(source: str | Path, faults: list[Fault] | None = None) -> bytes:
     """The stream bytes of a scenario, raw stream or capture."""
-    from analyzer.encoder import encode
+    from migshark.analyzer.encoder import encode
 
     path = Path(source)
     faults = faults or []
@@ -67,7 +67,7 @@ def load_stream(source: str | Path, faults: list[Fault] | None = None) -> bytes:
 
 
 def _captured_stream(path: Path) -> bytes:
-    from analyzer.capture import (
+    from migshark.analyzer.capture import (
         CaptureFormatError,
         CaptureReader,
         StreamData,
@@ -163,9 +163,9 @@ def _bitmap_payload_spans(kinds_and_spans: list[tuple[str, int, int]], data: byt
 
 
 def _real_spans(stream: bytes) -> list[tuple[str, int, int]]:
-    from analyzer.decoder import StreamDecoder
-    from analyzer.records import Record
-    from dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
+    from migshark.analyzer.decoder import StreamDecoder
+    from migshark.analyzer.records import Record
+    from migshark.dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
 
     spans: list[tuple[str, int, int]] = []
     pending: tuple[str, int] | None = None
@@ -189,7 +189,7 @@ def splice(real: bytes, generated: Any) -> bytes:
     BITS) the generated BITS PART; other such PARTs shrink to EOS. RAM, devices and
     every header and footer stay QEMU's, so the destination gets a whole machine.
     """
-    from dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
+    from migshark.dissectors.grammar import DIRTY_BITMAP_SECTION_IDSTR
 
     generated_spans: list[tuple[str, int, int]] = []
     pending: tuple[str, int] | None = None
@@ -225,7 +225,7 @@ def splice(real: bytes, generated: Any) -> bytes:
 
 def spliced_stream(scenario_path: str | Path, capture: str | Path,
                    faults: list[Fault] | None = None) -> bytes:
-    from analyzer.encoder import encode
+    from migshark.analyzer.encoder import encode
 
     scenario = load_scenario(scenario_path)
     if Path(scenario_path).suffix != ".toml":
@@ -234,6 +234,6 @@ def spliced_stream(scenario_path: str | Path, capture: str | Path,
 
 
 def _generated_id() -> int:
-    from analyzer.encoder import DIRTY_BITMAP_SECTION_ID
+    from migshark.analyzer.encoder import DIRTY_BITMAP_SECTION_ID
 
     return DIRTY_BITMAP_SECTION_ID

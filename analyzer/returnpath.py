@@ -31,8 +31,8 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-from analyzer import findings
-from analyzer.records import Event, EventQueue, Record
+from migshark.analyzer import findings
+from migshark.analyzer.records import Event, EventQueue, Record
 
 RETURN_PATH_SECTION = "return-path"
 

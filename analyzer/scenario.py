@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 STREAM_FAULTS = (
     "drop-eos",

@@ -12,6 +12,6 @@ from types import ModuleType
 native: ModuleType | None = None
 if not os.environ.get("MIGSHARK_PURE_PYTHON"):
     try:
-        from analyzer import _speedups as native
+        from migshark.analyzer import _speedups as native
     except ImportError:  # built without a compiler: the Python loops do the same work
         native = None

@@ -37,9 +37,9 @@ def run_atheris(seconds: int) -> int:
     import atheris
 
     with atheris.instrument_imports():
-        import analyzer.bitmaps  # noqa: F401
-        import analyzer.decoder  # noqa: F401
-        import dissectors.grammar  # noqa: F401
+        import migshark.analyzer.bitmaps  # noqa: F401
+        import migshark.analyzer.decoder  # noqa: F401
+        import migshark.dissectors.grammar  # noqa: F401
     from tests.test_fuzz_findings import seeds
 
     corpus = Path(tempfile.mkdtemp(prefix="migshark-fuzz-"))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pcapwriter import TcpPcapWriter  # noqa: E402
 
-from dissectors import grammar as g  # noqa: E402
+from migshark.dissectors import grammar as g  # noqa: E402
 
 PAGE = 4096
 RAM_BLOCK = "pc.ram"

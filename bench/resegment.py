@@ -22,14 +22,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pcapwriter import TcpPcapWriter  # noqa: E402
 
-from analyzer.capture import (  # noqa: E402
+from migshark.analyzer.capture import (  # noqa: E402
     CaptureReader,
     StreamData,
     StreamGap,
     TcpReassembler,
     parse_frame,
 )
-from analyzer.capture.tcp import StreamOpened  # noqa: E402
+from migshark.analyzer.capture.tcp import StreamOpened  # noqa: E402
 
 QEVM = b"QEVM"
 

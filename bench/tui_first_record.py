@@ -21,9 +21,9 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analyzer.records import Record  # noqa: E402
-from tui.app import MigsharkApp  # noqa: E402
-from tui.model import Batch  # noqa: E402
+from migshark.analyzer.records import Record  # noqa: E402
+from migshark.tui.app import MigsharkApp  # noqa: E402
+from migshark.tui.model import Batch  # noqa: E402
 
 
 class TimedApp(MigsharkApp):

@@ -15,7 +15,7 @@ streams, use `migshark analyze`/`dump`, which reassemble TCP and track sections.
 Example (as root)::
 
     from scapy.all import sniff
-    from dissectors.scapy_layer import DirtyBitmapRecord, QemuMigration, bind_port
+    from migshark.dissectors.scapy_layer import DirtyBitmapRecord, QemuMigration, bind_port
 
     bind_port(4444)  # TCP payloads sent to port 4444 dissect as QemuMigration
     packets = sniff(iface="lo", filter="tcp port 4444", count=50)
@@ -52,7 +52,7 @@ from scapy.fields import (
 )
 from scapy.packet import Packet, bind_layers
 
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 ITEM_TYPES = {t.value: t.name for t in g.ItemType}
 COMMANDS = {c.value: c.name for c in g.Command}

@@ -1,4 +1,4 @@
-"""Generate docs/findings.md from analyzer.findings.CATALOGUE.
+"""Generate docs/findings.md from migshark.analyzer.findings.CATALOGUE.
 
     python docs/gen_findings.py          # rewrite docs/findings.md
     python docs/gen_findings.py --check  # exit 1 when the committed file is stale
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from analyzer.findings import CATALOGUE, FindingKind  # noqa: E402
-from analyzer.records import Severity  # noqa: E402
+from migshark.analyzer.findings import CATALOGUE, FindingKind  # noqa: E402
+from migshark.analyzer.records import Severity  # noqa: E402
 
 TARGET = ROOT / "docs" / "findings.md"
 

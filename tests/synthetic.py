@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 F = g.BitmapFlag
 RAM_ID, BITMAP_ID, DEVICE_ID = 2, 3, 4

@@ -18,8 +18,16 @@ from scapy.layers.inet6 import (
 from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, Loopback
 from scapy.packet import Packet
 
-from analyzer.capture import ACK, FIN, PSH, SUPPORTED_LINKTYPES, SYN, format_flags, parse_frame
-from analyzer.capture.frames import NS, TcpSegment
+from migshark.analyzer.capture import (
+    ACK,
+    FIN,
+    PSH,
+    SUPPORTED_LINKTYPES,
+    SYN,
+    format_flags,
+    parse_frame,
+)
+from migshark.analyzer.capture.frames import NS, TcpSegment
 
 PAYLOAD = b"QEVM\x00\x00\x00\x03migration-bytes"
 

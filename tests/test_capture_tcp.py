@@ -13,7 +13,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.utils import wrpcap
 
-from analyzer.capture import (
+from migshark.analyzer.capture import (
     ACK,
     FIN,
     PSH,

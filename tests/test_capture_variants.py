@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import AnalysisOptions, analyze_path
-from analyzer.pcapwriter import Packet, build_frame, conversation
-from analyzer.scenario import TransportSpec
+from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+from migshark.analyzer.pcapwriter import Packet, build_frame, conversation
+from migshark.analyzer.scenario import TransportSpec
 from tests.conftest import CAPTURES
 
 GENERATED = CAPTURES / "generated"

@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "analyzer.cli", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", "migshark", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from analyzer.bitmaps import BitmapTracker
-from analyzer.decoder import StreamDecoder, decode_bytes
-from analyzer.records import Finding, Record, Severity
+from migshark.analyzer.bitmaps import BitmapTracker
+from migshark.analyzer.decoder import StreamDecoder, decode_bytes
+from migshark.analyzer.records import Finding, Record, Severity
 from tests import synthetic
 
 
@@ -118,7 +118,7 @@ def test_late_vmdesc_disagreeing_with_footer_is_reported():
     desc = json.loads(json.dumps(synthetic.VMDESC))
     desc["devices"][0]["fields"][0]["size"] = 4
     data = synthetic.precopy_stream(with_vmdesc=False)
-    from dissectors import grammar as g
+    from migshark.dissectors import grammar as g
 
     data += g.build_vmdescription(json.dumps(desc).encode())
     codes = [e.code for e in decode_bytes(data) if isinstance(e, Finding)]

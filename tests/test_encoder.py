@@ -10,23 +10,23 @@ from typing import Any
 
 import pytest
 
-from analyzer.analysis import analyze_path
-from analyzer.cli import main
-from analyzer.encoder import (
+from migshark.analyzer.analysis import analyze_path
+from migshark.analyzer.cli import main
+from migshark.analyzer.encoder import (
     DIRTY_BITMAP_SECTION_ID,
     EncodedStream,
     encode,
     expected_path,
     generate,
 )
-from analyzer.scenario import (
+from migshark.analyzer.scenario import (
     STREAM_FAULTS,
     ScenarioError,
     load_scenario,
     parse_fault,
     scenario_from_dict,
 )
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = ROOT / "captures" / "scenarios"
@@ -397,9 +397,9 @@ def test_tshark_finds_nothing_wrong_in_a_clean_capture(tmp_path: Path) -> None:
 
 
 def test_mapping_scenario_writes_the_block_bitmap_mapping(tmp_path: Path) -> None:
-    from analyzer.analysis import AnalysisOptions
-    from analyzer.encoder import mapping_path
-    from analyzer.mapping import load_mapping
+    from migshark.analyzer.analysis import AnalysisOptions
+    from migshark.analyzer.encoder import mapping_path
+    from migshark.analyzer.mapping import load_mapping
 
     out = tmp_path / "mapped.bin"
     expected = generate(load_scenario(SCENARIOS / "mapping.toml"), out)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from analyzer.analysis import analyze_path
-from analyzer.encoder import generate
-from analyzer.scenario import STREAM_FAULTS, TCP_FAULTS, load_scenario, parse_fault
+from migshark.analyzer.analysis import analyze_path
+from migshark.analyzer.encoder import generate
+from migshark.analyzer.scenario import STREAM_FAULTS, TCP_FAULTS, load_scenario, parse_fault
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = ROOT / "captures" / "generated"

@@ -9,9 +9,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer.analysis import analyze_path
-from analyzer.encoder import ScenarioExporter, encode
-from analyzer.scenario import ScenarioError, scenario_from_dict
+from migshark.analyzer.analysis import analyze_path
+from migshark.analyzer.encoder import ScenarioExporter, encode
+from migshark.analyzer.scenario import ScenarioError, scenario_from_dict
 
 GRANULARITIES = [512, 1024, 4096, 65536, 1 << 20]
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import analyze_path
-from analyzer.encoder import encode
-from analyzer.replay import ReplayReport, send_stream
-from analyzer.scenario import load_scenario, parse_fault
+from migshark.analyzer.analysis import analyze_path
+from migshark.analyzer.encoder import encode
+from migshark.analyzer.replay import ReplayReport, send_stream
+from migshark.analyzer.scenario import load_scenario, parse_fault
 from tests.conftest import require, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +162,7 @@ def test_verdict_table_in_docs_is_current() -> None:
 
 def test_cli_replay_reports_unreachable_destination_and_bad_addresses(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from analyzer.cli import main
+    from migshark.analyzer.cli import main
     from tests.realqemu.harness import free_port
 
     port = free_port()  # nothing listens there
@@ -177,8 +177,8 @@ def test_cli_replay_reports_unreachable_destination_and_bad_addresses(
 def test_cli_replay_sends_a_captured_stream_whole(tmp_path: Path) -> None:
     import socket
 
-    from analyzer.cli import main
-    from analyzer.encoder import generate
+    from migshark.analyzer.cli import main
+    from migshark.analyzer.encoder import generate
 
     capture = tmp_path / "c.pcapng"
     expected = generate(load_scenario(SCENARIO), capture, [parse_fault("reorder")])
@@ -202,7 +202,7 @@ def test_cli_replay_sends_a_captured_stream_whole(tmp_path: Path) -> None:
 
 def test_spliced_into_a_real_capture_loads_with_the_expected_hashes(tmp_path: Path) -> None:
     require_tools("qemu-system-x86_64", "qemu-img")
-    from analyzer.replay import spliced_stream
+    from migshark.analyzer.replay import spliced_stream
 
     capture = ROOT / "captures" / "real" / "precopy.pcap"
     require(capture.exists(), f"{capture} missing")

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from analyzer.analysis import AnalysisOptions, analyze_path
-from analyzer.cli import main
-from analyzer.encoder import ScenarioExporter, encode
-from analyzer.records import Record
-from analyzer.scenario import RamBlock, load_scenario, scenario_from_dict, scenario_to_toml
+from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+from migshark.analyzer.cli import main
+from migshark.analyzer.encoder import ScenarioExporter, encode
+from migshark.analyzer.records import Record
+from migshark.analyzer.scenario import RamBlock, load_scenario, scenario_from_dict, scenario_to_toml
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def real_payloads(path: Path) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
 
 
 def _stream_bytes(path: Path) -> bytes:
-    from analyzer.capture import CaptureReader, StreamData, TcpReassembler, parse_frame
+    from migshark.analyzer.capture import CaptureReader, StreamData, TcpReassembler, parse_frame
 
     if path.suffix == ".bin":
         return path.read_bytes()

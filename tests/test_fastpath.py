@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-import analyzer.analysis as analysis
-from analyzer import speedups
-from analyzer.analysis import analyze_path
-from analyzer.capture import parse_frame
+import migshark.analyzer.analysis as analysis
+from migshark.analyzer import speedups
+from migshark.analyzer.analysis import analyze_path
+from migshark.analyzer.capture import parse_frame
 from tests.synthetic import precopy_stream
 
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from analyzer import findings
-from analyzer.analysis import AnalysisOptions, MigrationStream
-from analyzer.bitmaps import DestinationContext, Dialect
-from analyzer.mapping import parse_mapping
-from analyzer.records import Finding, Severity
-from dissectors import grammar as g
+from migshark.analyzer import findings
+from migshark.analyzer.analysis import AnalysisOptions, MigrationStream
+from migshark.analyzer.bitmaps import DestinationContext, Dialect
+from migshark.analyzer.mapping import parse_mapping
+from migshark.analyzer.records import Finding, Severity
+from migshark.dissectors import grammar as g
 from tests.test_findings_support import (
     BITMAP_ID,
     CHUNK_BITS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from analyzer.findings import CATALOGUE
+from migshark.analyzer.findings import CATALOGUE
 
 ROOT = Path(__file__).resolve().parent.parent
 

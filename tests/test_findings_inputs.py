@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.cli import main
-from analyzer.destination import DestinationError, load_destination, parse_destination
-from analyzer.mapping import MappingError, load_mapping, parse_mapping
-from dissectors import grammar as g
+from migshark.analyzer.cli import main
+from migshark.analyzer.destination import DestinationError, load_destination, parse_destination
+from migshark.analyzer.mapping import MappingError, load_mapping, parse_mapping
+from migshark.dissectors import grammar as g
 from tests.test_findings_support import GRAN, F, StreamBuilder, finish_ok, started
 
 # Trimmed from a real QEMU 7.2 destination: -drive ...,id=drive0,node-name=disk0 with

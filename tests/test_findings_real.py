@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from analyzer.analysis import AnalysisOptions, MigrationStream, analyze_path
-from analyzer.bitmaps import BitmapTracker, DestinationContext
-from analyzer.mapping import parse_mapping
-from analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.analysis import AnalysisOptions, MigrationStream, analyze_path
+from migshark.analyzer.bitmaps import BitmapTracker, DestinationContext
+from migshark.analyzer.mapping import parse_mapping
+from migshark.analyzer.records import Event, Finding, Record, Severity
 from tests.conftest import CAPTURES, require
 
 REAL = CAPTURES / "real"

@@ -6,9 +6,9 @@ exact byte offset of a finding without counting bytes by hand.
 
 from __future__ import annotations
 
-from analyzer.analysis import AnalysisOptions, MigrationStream
-from analyzer.records import Finding, Record
-from dissectors import grammar as g
+from migshark.analyzer.analysis import AnalysisOptions, MigrationStream
+from migshark.analyzer.records import Finding, Record
+from migshark.dissectors import grammar as g
 
 F = g.BitmapFlag
 BITMAP_ID = 7

@@ -17,10 +17,10 @@ from functools import cache
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer.analysis import AnalysisOptions
-from analyzer.bitmaps import BitmapState, DestinationContext, Dialect
-from analyzer.records import Finding, Record
-from dissectors import grammar as g
+from migshark.analyzer.analysis import AnalysisOptions
+from migshark.analyzer.bitmaps import BitmapState, DestinationContext, Dialect
+from migshark.analyzer.records import Finding, Record
+from migshark.dissectors import grammar as g
 from tests import synthetic
 from tests.conftest import CAPTURES
 from tests.test_findings_support import (
@@ -215,7 +215,7 @@ def test_hostile_lengths_do_not_allocate() -> None:
 
 def test_a_huge_bitmap_is_reported_not_hashed() -> None:
     data = _hostile_streams()["zeroes-2^32-sectors"]
-    from analyzer.analysis import MigrationStream
+    from migshark.analyzer.analysis import MigrationStream
 
     stream = MigrationStream("t", AnalysisOptions())
     stream.feed(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 F = g.BitmapFlag
 

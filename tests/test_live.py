@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from analyzer import cli
-from analyzer.analysis import AnalysisOptions, analyze_path
-from analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
-from analyzer.live import LiveDemux, PcapngWriter
-from analyzer.records import Finding
-from analyzer.returnpath import ReturnPathMessage, build_message
-from dissectors import grammar as g
+from migshark.analyzer import cli
+from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+from migshark.analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
+from migshark.analyzer.live import LiveDemux, PcapngWriter
+from migshark.analyzer.records import Finding
+from migshark.analyzer.returnpath import ReturnPathMessage, build_message
+from migshark.dissectors import grammar as g
 from tests.conftest import REPO_ROOT, require_root, require_tools
 from tests.realqemu.harness import PRESETS, run_migration
 from tests.synthetic import precopy_stream
@@ -104,7 +104,7 @@ def test_pcapng_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
     writer.write(1.5, bytes(frame))
     writer.write(2.25, bytes(frame) + b"x")
     writer.close()
-    from analyzer.capture import CaptureReader
+    from migshark.analyzer.capture import CaptureReader
 
     with CaptureReader(path) as reader:
         frames = [(f.timestamp, bytes(f.data)) for f in reader]
@@ -129,7 +129,7 @@ def test_live_bad_interface_is_a_one_line_error(capsys: pytest.CaptureFixture[st
 
 def _start_live(port: int, pcapng: Path, *extra: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer.cli", "live", "-i", "lo", "--port", str(port),
+        [sys.executable, "-m", "migshark", "live", "-i", "lo", "--port", str(port),
          "--json", "-w", str(pcapng), *extra],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
@@ -234,7 +234,7 @@ def test_live_labels_real_multifd_channels(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPatch) -> None:
-    from analyzer.live import LiveCapture
+    from migshark.analyzer.live import LiveCapture
 
     class Args:
         iface, port, bpf, json, once, write = "lo", None, None, False, True, None
@@ -291,7 +291,7 @@ def test_kernel_drops_become_findings_on_open_migrations() -> None:
     import struct
     from types import SimpleNamespace
 
-    from analyzer.live import PACKET_STATISTICS, SOL_PACKET, LiveCapture
+    from migshark.analyzer.live import PACKET_STATISTICS, SOL_PACKET, LiveCapture
 
     class Args:
         iface, port, bpf, json, once, write = "lo", None, None, False, False, None

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import AnalysisOptions
-from analyzer.proxy import (
+from migshark.analyzer.analysis import AnalysisOptions
+from migshark.analyzer.proxy import (
     BACKWARD,
     FORWARD,
     MULTIFD_MAGIC_BYTES,
@@ -23,8 +23,8 @@ from analyzer.proxy import (
     ConnectionAnalysis,
     parse_address,
 )
-from analyzer.returnpath import ReturnPathMessage, build_message
-from dissectors import grammar as g
+from migshark.analyzer.returnpath import ReturnPathMessage, build_message
+from migshark.dissectors import grammar as g
 from tests.conftest import REPO_ROOT, require_tools
 from tests.realqemu.harness import PRESETS, run_migration
 from tests.synthetic import precopy_stream
@@ -64,7 +64,7 @@ def test_connection_analysis_labels_multifd_and_decodes_return_path() -> None:
 
 def _start_proxy(listen: str, to: str) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "analyzer.cli", "proxy", "--listen", listen, "--to", to,
+        [sys.executable, "-m", "migshark", "proxy", "--listen", listen, "--to", to,
          "--json", "--once"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None

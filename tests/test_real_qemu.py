@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from analyzer.analysis import AnalysisOptions, analyze_path
-from analyzer.cli import main as cli_main
-from analyzer.decoder import StreamDecoder
-from analyzer.records import Finding, Record, Severity
+from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+from migshark.analyzer.cli import main as cli_main
+from migshark.analyzer.decoder import StreamDecoder
+from migshark.analyzer.records import Finding, Record, Severity
 from tests.conftest import CAPTURES, require_root, require_tools
 
 REAL = CAPTURES / "real"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.records import Finding, Record
-from analyzer.returnpath import (
+from migshark.analyzer.records import Finding, Record
+from migshark.analyzer.returnpath import (
     RECV_BITMAP_ENDING,
     ReturnPathDecoder,
     ReturnPathMessage,
@@ -116,8 +116,8 @@ def test_any_bytes_decode_without_exceptions_and_records_tile(data: bytes, chunk
 
 
 def test_garbage_through_the_proxy_analysis_is_findings_not_exceptions() -> None:
-    from analyzer.analysis import AnalysisOptions
-    from analyzer.proxy import BACKWARD, FORWARD, ConnectionAnalysis
+    from migshark.analyzer.analysis import AnalysisOptions
+    from migshark.analyzer.proxy import BACKWARD, FORWARD, ConnectionAnalysis
 
     analysis = ConnectionAnalysis("garbage", AnalysisOptions())
     analysis.data(FORWARD, b"GET / HTTP/1.1\r\n\r\n" * 10)

@@ -9,10 +9,10 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from analyzer.analysis import AnalysisOptions, MigrationStream, analyze_path
-from analyzer.records import Event, Record
-from dissectors import grammar as g
-from dissectors.scapy_layer import (
+from migshark.analyzer.analysis import AnalysisOptions, MigrationStream, analyze_path
+from migshark.analyzer.records import Event, Record
+from migshark.dissectors import grammar as g
+from migshark.dissectors.scapy_layer import (
     DirtyBitmapRecord,
     QemuCommand,
     QemuConfiguration,

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyzer import speedups
-from analyzer.analysis import InputError, analyze_path
-from analyzer.decoder import StreamDecoder
+from migshark.analyzer import speedups
+from migshark.analyzer.analysis import InputError, analyze_path
+from migshark.analyzer.decoder import StreamDecoder
 from tests.conftest import require
 from tests.synthetic import precopy_stream
 
@@ -27,7 +27,7 @@ BUNDLED = sorted(p for p in (ROOT / "captures").glob("*/*") if p.suffix in (".pc
 RAM_STREAM = precopy_stream(extra_pages=180)
 
 
-_NOT_BUILT = "analyzer._speedups was not built (no C compiler or Python headers)"
+_NOT_BUILT = "migshark.analyzer._speedups was not built (no C compiler or Python headers)"
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def native() -> Any:
 
 
 def test_the_extension_is_built_and_used(native):
-    assert native.__name__ == "analyzer._speedups"
+    assert native.__name__ == "migshark.analyzer._speedups"
     assert speedups.native is native
 
 
@@ -162,7 +162,7 @@ class _NeverKeeps(dict):
 
 def test_fixed_bitmap_heads_read_like_the_grammar(monkeypatch):
     """BITS heads read with the learned fixed layouts equal the grammar's parse."""
-    import analyzer.decoder as decoder
+    import migshark.analyzer.decoder as decoder
 
     stream = precopy_stream()
     cuts = list(range(0, len(stream), 997))
@@ -230,7 +230,7 @@ def test_pure_python_switch_turns_the_extension_off(native):
     import subprocess
     import sys
 
-    probe = "from analyzer import speedups; print(speedups.native is None)"
+    probe = "from migshark.analyzer import speedups; print(speedups.native is None)"
     env = dict(os.environ, MIGSHARK_PURE_PYTHON="1")
     out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, text=True,
                          capture_output=True, check=True).stdout

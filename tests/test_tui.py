@@ -13,15 +13,15 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, ProgressBar, Static, Tree
 
-from analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_path
-from analyzer.bitmaps import BitmapTracker
-from analyzer.cli import build_parser, format_event_line
-from analyzer.records import Finding, Record, Severity
-from tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
-from tui.demo import build_demo_stream, write_demo_stream
-from tui.fields import field_ranges, rebuild_bytes
-from tui.model import Batch, Batcher, Deliver, Store, snapshot_tracker
-from tui.widgets import DiskMap, HexView, RecordList
+from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_path
+from migshark.analyzer.bitmaps import BitmapTracker
+from migshark.analyzer.cli import build_parser, format_event_line
+from migshark.analyzer.records import Finding, Record, Severity
+from migshark.tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
+from migshark.tui.demo import build_demo_stream, write_demo_stream
+from migshark.tui.fields import field_ranges, rebuild_bytes
+from migshark.tui.model import Batch, Batcher, Deliver, Store, snapshot_tracker
+from migshark.tui.widgets import DiskMap, HexView, RecordList
 
 Scenario = Callable[[MigsharkApp, Pilot[None]], Awaitable[None]]
 
@@ -504,9 +504,9 @@ class CaptureReplaySource:
         self.path = path
 
     def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
-        from analyzer.analysis import CaptureDemux
-        from analyzer.capture import CaptureReader, parse_frame
-        from tui.model import Batcher
+        from migshark.analyzer.analysis import CaptureDemux
+        from migshark.analyzer.capture import CaptureReader, parse_frame
+        from migshark.tui.model import Batcher
 
         batcher = Batcher(deliver, stop)
         demux = CaptureDemux(AnalysisOptions(keep_buffers=True), batcher)
@@ -565,15 +565,15 @@ def test_the_analyzer_does_not_load_the_tui() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, analyzer.cli, analyzer.analysis; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tui', 'textual')))")
+    code = ("import sys, migshark.analyzer.cli, migshark.analyzer.analysis; "
+            "print(sorted(m for m in sys.modules if m.startswith(('migshark.tui', 'textual'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
 
 
 def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path: Path) -> None:
-    from dissectors import grammar as g
+    from migshark.dissectors import grammar as g
 
     node, name = "[/red]", "[bold]x[/]"
     stream = b"".join([
@@ -611,8 +611,8 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path: Path) -> No
 
 def test_undecodable_and_control_bytes_in_names_never_reach_the_terminal(tmp_path: Path
                                                                          ) -> None:
-    from dissectors import grammar as g
-    from tui.widgets import safe_text
+    from migshark.dissectors import grammar as g
+    from migshark.tui.widgets import safe_text
 
     node = b"dr\xff\x1b[2J".decode("utf-8", "surrogateescape")
     assert safe_text(node) == "dr\\xff\\x1b[2J"

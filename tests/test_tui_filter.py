@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyzer.records import Record, Severity
-from tui.filter import FilterError, RowView, parse_filter
+from migshark.analyzer.records import Record, Severity
+from migshark.tui.filter import FilterError, RowView, parse_filter
 
 
 def row(kind: str, *, section: str | None = "dirty-bitmap", node: str | None = None,

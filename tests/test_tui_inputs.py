@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Tree
 
+from migshark.tui.app import BitmapsScreen, FindingsScreen, MigsharkApp
+from migshark.tui.fields import ByteSource, field_ranges
+from migshark.tui.model import Batch, FileSource, Store
+from migshark.tui.widgets import DiskMap, RecordList, _resample, format_row, record_style
 from tests.conftest import CAPTURES
-from tui.app import BitmapsScreen, FindingsScreen, MigsharkApp
-from tui.fields import ByteSource, field_ranges
-from tui.model import Batch, FileSource, Store
-from tui.widgets import DiskMap, RecordList, _resample, format_row, record_style
 
 GENERATED = sorted(p for p in (CAPTURES / "generated").glob("*")
                    if p.suffix in (".bin", ".pcap", ".pcapng"))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from migshark.tui.app import MigsharkApp
+from migshark.tui.live import LiveSource
+from migshark.tui.proxy import ProxySource
 from tests.conftest import require_root, require_tools
-from tui.app import MigsharkApp
-from tui.live import LiveSource
-from tui.proxy import ProxySource
 
 
 def _live_args(port: int) -> argparse.Namespace:
@@ -108,7 +108,7 @@ def test_proxy_tui_shows_a_real_migration(tmp_path: Path) -> None:
 
 def test_live_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[str]) -> None:
     require_root()
-    from analyzer import cli
+    from migshark.analyzer import cli
 
     # A bad interface fails in LiveSource.open(), before any terminal is taken over.
     assert cli.main(["live", "--tui", "-i", "no-such-if0"]) == 2
@@ -117,7 +117,7 @@ def test_live_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[st
 
 
 def test_proxy_tui_option_reaches_the_tui_source(capsys: pytest.CaptureFixture[str]) -> None:
-    from analyzer import cli
+    from migshark.analyzer import cli
 
     # An address it cannot use fails in ProxySource.open(), before the terminal is taken.
     assert cli.main(["proxy", "--tui", "--listen", "bogus", "--to", "tcp:127.0.0.1:1"]) == 2

@@ -16,9 +16,9 @@ import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input
 
+from migshark.tui.app import MigsharkApp
+from migshark.tui.widgets import RecordList
 from tests.conftest import CAPTURES, require
-from tui.app import MigsharkApp
-from tui.widgets import RecordList
 
 CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 

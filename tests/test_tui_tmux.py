@@ -66,7 +66,7 @@ def test_browse_a_real_capture_in_tmux(tmp_path: Path) -> None:
     shutil.copyfile(CAPTURE, capture)
     tmux = Tmux(f"migshark-tui-test-{os.getpid()}")
     command = (f"cd {shlex.quote(str(REPO_ROOT))} && {shlex.quote(sys.executable)} "
-               f"-m analyzer.cli tui {shlex.quote(str(capture))}")
+               f"-m migshark tui {shlex.quote(str(capture))}")
     tmux.start(command)
     try:
         # Open: the whole capture is listed and decoding is over.

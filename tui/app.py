@@ -25,14 +25,14 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, Static, Tree
 
-from analyzer.analysis import AnalysisOptions, InputError
-from analyzer.capture import sniff_format
-from analyzer.cli import format_event_line
-from analyzer.records import Event, Finding, Severity
-from tui.fields import ByteSource, field_ranges
-from tui.filter import FilterError, Predicate, parse_filter
-from tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, Store
-from tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text, safe_text
+from migshark.analyzer.analysis import AnalysisOptions, InputError
+from migshark.analyzer.capture import sniff_format
+from migshark.analyzer.cli import format_event_line
+from migshark.analyzer.records import Event, Finding, Severity
+from migshark.tui.fields import ByteSource, field_ranges
+from migshark.tui.filter import FilterError, Predicate, parse_filter
+from migshark.tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, Store
+from migshark.tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text, safe_text
 
 QUEUE_BATCHES = 8
 FILTER_IN_THREAD_ROWS = 200_000
@@ -767,7 +767,7 @@ def run(path: str | None, port: int | None = None) -> int:
         if found is None:
             import tempfile
 
-            from tui.demo import write_demo_stream
+            from migshark.tui.demo import write_demo_stream
 
             found = write_demo_stream(Path(tempfile.mkdtemp(prefix="migshark-")) / "demo.bin")
         path = str(found)

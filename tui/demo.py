@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dissectors import grammar as g
+from migshark.dissectors import grammar as g
 
 GRANULARITY = 65536
 DISK_SECTORS = 4 * 1024 * 1024  # 2 GiB disks: four BITS chunks each

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyzer.records import Record
-from dissectors import grammar as g
+from migshark.analyzer.records import Record
+from migshark.dissectors import grammar as g
 
 MAX_HEX_BYTES = 64 * 1024
 CACHE_ENTRIES = 64

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analyzer.records import Record, Severity
+from migshark.analyzer.records import Record, Severity
 
 
 class FilterError(ValueError):

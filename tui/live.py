@@ -13,9 +13,9 @@ import sys
 import threading
 from typing import Any
 
-from analyzer.analysis import AnalysisResult
-from analyzer.live import LiveCapture
-from tui.model import Batcher, Deliver
+from migshark.analyzer.analysis import AnalysisResult
+from migshark.analyzer.live import LiveCapture
+from migshark.tui.model import Batcher, Deliver
 
 
 class _CaptureForApp(LiveCapture):
@@ -58,7 +58,7 @@ class LiveSource:
 
 
 def run_live_tui(args: argparse.Namespace) -> int:
-    from tui.app import run_live_source
+    from migshark.tui.app import run_live_source
 
     if os.geteuid() != 0:
         print("migshark live: needs root (raw packet capture); run as root or use "

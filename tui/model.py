@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from analyzer.analysis import AnalysisOptions, InputError, MigrationStream, analyze_path
-from analyzer.bitmaps import SECTOR, BitmapTracker
-from analyzer.records import Event, Finding, Record, Severity
-from tui.filter import Predicate, RowView
+from migshark.analyzer.analysis import AnalysisOptions, InputError, MigrationStream, analyze_path
+from migshark.analyzer.bitmaps import SECTOR, BitmapTracker
+from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.tui.filter import Predicate, RowView
 
 MAP_CELLS = 4096
 BATCH_EVENTS = 2000

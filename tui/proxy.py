@@ -12,10 +12,10 @@ import io
 import threading
 from typing import Any
 
-from analyzer.analysis import AnalysisResult, MigrationStream
-from analyzer.proxy import Output, ProxyServer, open_proxy
-from analyzer.records import Event
-from tui.model import Batcher, Deliver
+from migshark.analyzer.analysis import AnalysisResult, MigrationStream
+from migshark.analyzer.proxy import Output, ProxyServer, open_proxy
+from migshark.analyzer.records import Event
+from migshark.tui.model import Batcher, Deliver
 
 # How often events of a quiet connection are handed to the app.
 FLUSH_INTERVAL = 0.25
@@ -72,6 +72,6 @@ class ProxySource:
 
 
 def run_proxy_tui(args: argparse.Namespace) -> int:
-    from tui.app import run_live_source
+    from migshark.tui.app import run_live_source
 
     return run_live_source(ProxySource(args), "proxy")

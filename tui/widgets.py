@@ -19,9 +19,9 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
-from analyzer.cli import record_info
-from analyzer.records import Record, Severity
-from tui.model import BitmapSnapshot, Store
+from migshark.analyzer.cli import record_info
+from migshark.analyzer.records import Record, Severity
+from migshark.tui.model import BitmapSnapshot, Store
 
 # Wireshark-like colouring: a background per family of record kinds, overridden
 # by the worst finding attached to the record.

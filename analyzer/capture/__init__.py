@@ -1,6 +1,6 @@
 """Capture layer: pcap/pcapng reading, frame decoding and TCP reassembly."""
 
-from analyzer.capture.frames import (
+from migshark.analyzer.capture.frames import (
     ACK,
     FIN,
     PSH,
@@ -12,7 +12,7 @@ from analyzer.capture.frames import (
     format_flags,
     parse_frame,
 )
-from analyzer.capture.pcapfile import (
+from migshark.analyzer.capture.pcapfile import (
     CaptureFormatError,
     CaptureReader,
     Frame,
@@ -20,7 +20,7 @@ from analyzer.capture.pcapfile import (
     iter_frames,
     sniff_format,
 )
-from analyzer.capture.tcp import (
+from migshark.analyzer.capture.tcp import (
     DEFAULT_MAX_BUFFER,
     Connection,
     FlowKey,

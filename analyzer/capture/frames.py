@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from analyzer.records import Fields
+from migshark.analyzer.records import Fields
 
 __all__ = [
     "ACK",

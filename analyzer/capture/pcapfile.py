@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable, Iterator
 from typing import Literal, NamedTuple
 
-from analyzer.records import Fields
+from migshark.analyzer.records import Fields
 
 __all__ = [
     "CaptureFormatError",

@@ -30,8 +30,8 @@ from __future__ import annotations
 import bisect
 from typing import NamedTuple
 
-from analyzer.capture.frames import ACK, FIN, RST, SYN, TcpSegment
-from analyzer.records import Fields
+from migshark.analyzer.capture.frames import ACK, FIN, RST, SYN, TcpSegment
+from migshark.analyzer.records import Fields
 
 __all__ = [
     "Connection",

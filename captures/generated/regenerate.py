@@ -17,8 +17,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from analyzer.encoder import encode, generate  # noqa: E402
-from analyzer.scenario import load_scenario, parse_fault  # noqa: E402
+from migshark.analyzer.encoder import encode, generate  # noqa: E402
+from migshark.analyzer.scenario import load_scenario, parse_fault  # noqa: E402
 
 SCENARIOS = ROOT / "captures" / "scenarios"
 
