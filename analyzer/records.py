@@ -57,15 +57,19 @@ class Record(Fields):
 
     `offset` counts from the first byte of the migration stream (the `Q` of QEVM),
     whatever the transport. `depth` is 1 for items inside a PACKAGED command.
+    `spans` gives the bytes each wire field occupies, in wire order, as
+    (field key, absolute stream offset, length); the keys are those of `fields` (and
+    the registry's, dissectors.registry), None where the dissector reports none.
     """
 
     __slots__ = _fields = ("offset", "length", "kind", "section", "section_id", "fields",
-                           "depth", "node", "bitmap", "timestamp")
+                           "depth", "node", "bitmap", "timestamp", "spans")
 
     def __init__(self, offset: int, length: int, kind: str, section: str | None = None,
                  section_id: int | None = None, fields: dict[str, Any] | None = None,
                  depth: int = 0, node: str | None = None, bitmap: str | None = None,
-                 timestamp: float | None = None) -> None:
+                 timestamp: float | None = None,
+                 spans: tuple[tuple[str, int, int], ...] | None = None) -> None:
         self.offset = offset
         self.length = length
         self.kind = kind
@@ -76,6 +80,7 @@ class Record(Fields):
         self.node = node
         self.bitmap = bitmap
         self.timestamp = timestamp
+        self.spans = spans
 
     @property
     def end(self) -> int:
