@@ -35,7 +35,8 @@ scapy's default MTU of 65535.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from scapy.config import conf
 from scapy.fields import (
@@ -53,21 +54,28 @@ from scapy.fields import (
 from scapy.packet import Packet, bind_layers
 
 from migshark.dissectors import grammar as g
+from migshark.dissectors import registry as reg
 
-ITEM_TYPES = {t.value: t.name for t in g.ItemType}
-COMMANDS = {c.value: c.name for c in g.Command}
-# FlagsField names are listed from bit 0 upwards
-BITMAP_FLAG_NAMES = ["EOS", "ZEROES", "BITMAP_NAME", "DEVICE_NAME", "START", "COMPLETE",
-                     "BITS", "EXTRA_FLAGS"]
-BITMAP_START_FLAG_NAMES = ["enabled", "persistent", "autoload", "reserved3", "reserved4",
-                           "reserved5", "reserved6", "reserved7"]
+ITEM_TYPES = dict(reg.ITEM.values or {})
+COMMANDS = dict(reg.COMMAND.values or {})
+
+
+def _flag_names(field: reg.FieldInfo, width: int, spell: Callable[[str], str]) -> list[str]:
+    """A FlagsField's names, bit 0 upwards, from the registry's bit fields; a bit the
+    registry does not name is `reservedN`."""
+    names = {bit.bit_length() - 1: spell(name) for bit, name in (field.bit_names or {}).items()}
+    return [names.get(index, f"reserved{index}") for index in range(width)]
+
+
+BITMAP_FLAG_NAMES = _flag_names(reg.BITMAP_FLAGS, 8, str)
+BITMAP_START_FLAG_NAMES = _flag_names(reg.BITMAP_START_FLAGS, 8, str.lower)
 
 
 class QemuMigration(Packet):
     """Dispatcher: `QemuMigration(data)` becomes the item class that `data` starts with."""
 
     name = "QEMU migration"
-    fields_desc: list[Any] = []
+    fields_desc: ClassVar[list[Any]] = []
 
     @classmethod
     def dispatch_hook(cls, _pkt: bytes | None = None, *args: Any, **kargs: Any) -> type:
@@ -223,10 +231,10 @@ class DirtyBitmapRecord(Packet):
     fields_desc = [
         FlagsField("flags", 0, 8, BITMAP_FLAG_NAMES),
         ConditionalField(FlagsField("flags2", 0, 8, BITMAP_FLAG_NAMES),
-                         lambda p: int(p.flags) & g.BitmapFlag.EXTRA_FLAGS),
+                         lambda p: bool(int(p.flags) & g.BitmapFlag.EXTRA_FLAGS)),
         ConditionalField(ShortField("flags_tail", 0),
-                         lambda p: int(p.flags) & g.BitmapFlag.EXTRA_FLAGS
-                         and int(p.flags2) & g.BitmapFlag.EXTRA_FLAGS),
+                         lambda p: bool(int(p.flags) & g.BitmapFlag.EXTRA_FLAGS
+                                        and int(p.flags2) & g.BitmapFlag.EXTRA_FLAGS)),
         ConditionalField(FieldLenField("device_name_len", None, length_of="device_name",
                                        fmt="B"), _has(g.BitmapFlag.DEVICE_NAME)),
         ConditionalField(StrLenField("device_name", b"",
