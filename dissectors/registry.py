@@ -476,17 +476,17 @@ KINDS: dict[Kind, KindInfo] = {info.kind: info for info in (
              (RP_BITMAP_SIZE, RP_ENDING), (RP_BLOCK, RP_RECEIVED)),
 )}
 
-# Every registered field, once per filter name (bit fields included).
+# Every registered field, once per filter name (bit fields included), and which kinds
+# carry it: a filter on `bitmap.granularity` looks only there.
 FIELDS: dict[str, FieldInfo] = {}
+_kinds_of: dict[str, set[Kind]] = {}
 for _info in KINDS.values():
     for _field_info in _info.fields:
         FIELDS.setdefault(_field_info.filter_name, _field_info)
-del _info, _field_info
-
-# Which kinds carry each field: a filter on `bitmap.granularity` looks only there.
-KINDS_OF: dict[str, frozenset[Kind]] = {
-    name: frozenset(info.kind for info in KINDS.values() if any(
-        f.filter_name == name for f in info.fields)) for name in FIELDS}
+        _kinds_of.setdefault(_field_info.filter_name, set()).add(_info.kind)
+KINDS_OF: dict[str, frozenset[Kind]] = {name: frozenset(kinds)
+                                        for name, kinds in _kinds_of.items()}
+del _info, _field_info, _kinds_of
 
 # Every key the decoders put in Record.fields, for the display filter's short names.
 RECORD_KEYS = frozenset(info.key for info in FIELDS.values())

@@ -277,3 +277,22 @@ def test_return_path_grammar_builds_what_the_reader_reads() -> None:
     bitmap = next(r for r in records if r.kind == Kind.RP_RECV_BITMAP)
     assert bitmap.fields["received_pages"] == 64 and bitmap.length == 8 + 8 + 8
     assert rp.FIXED_LENGTHS[rp.ReturnPathMessage.REQ_PAGES] == 12
+
+
+def test_describe_a_section_header_with_its_type_byte() -> None:
+    data = g.build_section_start(g.ItemType.SECTION_START, 3, "dirty-bitmap", 0, 1)
+    spans = (("item", 50, 1), ("section_id", 51, 4), ("idstr", 55, 13),
+             ("instance_id", 68, 4), ("version_id", 72, 4))
+    record = _record("section-start", 50, len(data), {
+        "section_id": 3, "idstr": "dirty-bitmap", "instance_id": 0, "version_id": 1}, spans)
+    views = describe(record)
+    assert [v.info.abbrev for v in views] == [
+        "qemu_mig.item", "qemu_mig.section.id", "qemu_mig.section.idstr",
+        "qemu_mig.section.instance", "qemu_mig.section.version"]
+    assert views[0].text == "SECTION_START (0x1)"
+    assert sum(v.length for v in views) == len(data) == record.length
+    # The same record from a SECTION_PART: its idstr is inherited, not on the wire.
+    part = _record("section-part", 0, 5, {"section_id": 3, "idstr": "dirty-bitmap"},
+                   (("item", 0, 1), ("section_id", 1, 4)))
+    generated = [v.info.filter_name for v in describe(part) if v.generated]
+    assert generated == ["section.idstr"]
