@@ -121,7 +121,9 @@ class FieldInfo:
     with a `bitmask` is a bit of the field `parent` (its key is the parent's key).
     `inherited` names the Record attribute that carries the value when the record
     itself does not (a dirty-bitmap record without names applies to the bitmap an
-    earlier record named).
+    earlier record named). `span_key` is the key of the field's span when it differs
+    from `key` (the command's span is "command", its number is "command_number": the
+    decoder keeps the name under "command").
     """
 
     key: str
@@ -135,6 +137,7 @@ class FieldInfo:
     parent: str | None = None
     description: str = ""
     inherited: str | None = None
+    span_key: str | None = None  # the key of its span when not `key` (see Record.spans)
 
     @property
     def abbrev(self) -> str:
@@ -153,7 +156,7 @@ class FieldInfo:
             return "-"
         if isinstance(value, (bytes, bytearray)):
             return f"{len(value)} bytes"
-        if self.bitmask:
+        if self.bitmask and isinstance(value, int):
             return "set" if value & self.bitmask else "not set"
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, list):
@@ -195,7 +198,7 @@ _START_FLAG_NAMES = {int(f.value): f.name or "" for f in g.BitmapStartFlag
 
 # --- stream framing -------------------------------------------------------------------
 
-ITEM = _field("item", "item", "Item type", g.ItemTypeByte,
+ITEM = _field("item_type", "item", "Item type", g.ItemTypeByte,
               base=Base.HEX, values=_values(g.ItemType),
               description="the type byte that starts every item (QEMU_VM_*)")
 FILE_MAGIC = _field("magic", "file.magic", "Magic", FieldType.STRING,
@@ -231,7 +234,7 @@ VMDESC_VALID = _field("valid_json", "vmdescription.valid_json", "Valid JSON", Fi
 VMDESC_DEVICES = _field("devices", "vmdescription.devices", "Devices described",
                         FieldType.UINT32)
 COMMAND = _field("command_number", "command", "Command", declared(g.CommandHeader, "command"),
-                 values=_values(g.Command), description="MIG_CMD_*")
+                 values=_values(g.Command), description="MIG_CMD_*", span_key="command")
 COMMAND_NAME = _field("command", "command.name", "Command name", FieldType.STRING,
                       base=Base.NONE)
 COMMAND_LENGTH = _field("length", "command.length", "Command data length",
@@ -319,7 +322,7 @@ DEVICE_PAYLOAD = _field("payload", "device.payload", "Device state", FieldType.B
 # --- return path ----------------------------------------------------------------------------
 
 RP_MESSAGE = _field("message_number", "rp.message", "Message", declared(rp.MessageHeader, "type"),
-                    values=_values(rp.ReturnPathMessage))
+                    values=_values(rp.ReturnPathMessage), span_key="message")
 RP_MESSAGE_NAME = _field("message", "rp.message_name", "Message name", FieldType.STRING,
                          base=Base.NONE)
 RP_LENGTH = _field("length", "rp.length", "Message length", declared(rp.MessageHeader, "length"))
@@ -407,18 +410,27 @@ class KindInfo:
     wire: tuple[FieldInfo, ...] = ()
     generated: tuple[FieldInfo, ...] = ()
     by_key: dict[str, FieldInfo] = field(default_factory=dict, compare=False)
+    by_span: dict[str, FieldInfo] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for info in self.wire + self.generated:
             if not info.bitmask:
                 self.by_key.setdefault(info.key, info)
+        for info in self.wire:
+            if not info.bitmask:
+                self.by_span.setdefault(info.span_key or info.key, info)
 
     @property
     def fields(self) -> tuple[FieldInfo, ...]:
         return self.wire + self.generated
 
     def field_for(self, key: str) -> FieldInfo | None:
+        """The field whose value the decoder keeps under `key` in Record.fields."""
         return self.by_key.get(key)
+
+    def field_for_span(self, key: str) -> FieldInfo | None:
+        """The field a span key of Record.spans names (a wire field first)."""
+        return self.by_span.get(key) or self.by_key.get(key)
 
 
 _SECTION_FULL_WIRE = (ITEM, SECTION_ID, SECTION_IDSTR, SECTION_INSTANCE, SECTION_VERSION)
@@ -515,7 +527,7 @@ def field_value(record: RecordLike, info: FieldInfo) -> Any:
     """
     if record.kind not in KINDS_OF[info.filter_name]:
         return None
-    if info.key == ITEM.key and info is ITEM:
+    if info is ITEM:
         item = KINDS[Kind(record.kind)].item
         return None if item is None else int(item)
     value = record.fields.get(info.key)
@@ -587,12 +599,12 @@ def _unregistered(key: str) -> FieldInfo:
                      description="not in the registry")
 
 
-def _view_value(record: RecordLike, info: FieldInfo, key: str) -> Any:
+def _view_value(record: RecordLike, info: FieldInfo, span_key: str) -> Any:
     if info is ITEM:
         return field_value(record, info)
-    if info.bitmask:
-        return record.fields.get(info.key)
-    return _path_value(record.fields, key)
+    if "[" in span_key:
+        return _path_value(record.fields, span_key)
+    return record.fields.get(info.key)
 
 
 def describe(record: RecordLike) -> list[FieldView]:
@@ -610,17 +622,15 @@ def describe(record: RecordLike) -> list[FieldView]:
     kind_fields = info.wire if info else ()
     if record.spans is not None:
         for key, offset, length in record.spans:
-            base = key.split("[", 1)[0].split(".", 1)[0]
-            field_info = (info.field_for(key) or info.field_for(key.rsplit(".", 1)[-1])
-                          if info else None) if "[" not in key else _indexed_info(info, key)
-            if field_info is None:
-                field_info = _unregistered(key)
+            field_info = _span_info(info, key) or _unregistered(key)
             out.append(FieldView(field_info, _view_value(record, field_info, key), offset,
-                                 length, name=key if key != field_info.key else ""))
+                                 length, name=key if "[" in key else ""))
             out.extend(FieldView(bit, record.fields.get(bit.key), offset, length)
                        for bit in kind_fields if bit.bitmask and bit.parent ==
                        field_info.filter_name and bit.key in record.fields)
-            shown.add(base)
+            shown.add(field_info.key)
+            if "[" in key:  # the list a `blocks[0].idstr` span is part of
+                shown.add(key.split("[", 1)[0])
     else:
         for field_info in kind_fields:
             if field_info.bitmask or field_info.key not in record.fields:
@@ -645,10 +655,13 @@ def describe(record: RecordLike) -> list[FieldView]:
     return out
 
 
-def _indexed_info(info: KindInfo | None, key: str) -> FieldInfo | None:
-    """The field of a span key inside a list (`blocks[0].idstr` is ram.blocks.idstr)."""
+def _span_info(info: KindInfo | None, key: str) -> FieldInfo | None:
+    """The field a span key names; a key inside a list (`blocks[0].idstr`) names the
+    list's element field (ram.blocks.idstr)."""
     if info is None:
         return None
+    if "[" not in key:
+        return info.field_for_span(key)
     plain = _INDEXED.sub("", key)
     for field_info in info.wire:
         if field_info.filter_name.endswith("." + plain) or field_info.key == plain.rsplit(".")[-1]:

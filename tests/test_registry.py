@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from construct import Int8ub, Int16ub, Int32ub, Int64ub
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from migshark.analyzer.analysis import AnalysisOptions, MigrationStream, analyze_path
 from migshark.analyzer.records import Event, Record
@@ -281,7 +283,7 @@ def test_return_path_grammar_builds_what_the_reader_reads() -> None:
 
 def test_describe_a_section_header_with_its_type_byte() -> None:
     data = g.build_section_start(g.ItemType.SECTION_START, 3, "dirty-bitmap", 0, 1)
-    spans = (("item", 50, 1), ("section_id", 51, 4), ("idstr", 55, 13),
+    spans = (("item_type", 50, 1), ("section_id", 51, 4), ("idstr", 55, 13),
              ("instance_id", 68, 4), ("version_id", 72, 4))
     record = _record("section-start", 50, len(data), {
         "section_id": 3, "idstr": "dirty-bitmap", "instance_id": 0, "version_id": 1}, spans)
@@ -293,6 +295,46 @@ def test_describe_a_section_header_with_its_type_byte() -> None:
     assert sum(v.length for v in views) == len(data) == record.length
     # The same record from a SECTION_PART: its idstr is inherited, not on the wire.
     part = _record("section-part", 0, 5, {"section_id": 3, "idstr": "dirty-bitmap"},
-                   (("item", 0, 1), ("section_id", 1, 4)))
+                   (("item_type", 0, 1), ("section_id", 1, 4)))
     generated = [v.info.filter_name for v in describe(part) if v.generated]
     assert generated == ["section.idstr"]
+
+
+_VALUES = st.one_of(st.none(), st.integers(-5, 1 << 70), st.text(max_size=8), st.binary(max_size=8),
+                    st.booleans(), st.lists(st.integers(0, 9), max_size=3),
+                    st.lists(st.dictionaries(st.sampled_from(["idstr", "used_length"]),
+                                             st.integers(0, 9)), max_size=2))
+_KEYS = st.sampled_from(sorted(reg.RECORD_KEYS) + ["blocks[0].idstr", "blocks[9].extra[1]",
+                                                    "x.y", "[", "]", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from([k.value for k in Kind] + ["nonsense"]),
+       fields=st.dictionaries(_KEYS, _VALUES, max_size=6),
+       spans=st.none() | st.lists(st.tuples(_KEYS, st.integers(0, 100), st.integers(0, 100)),
+                                  max_size=6),
+       node=st.none() | st.text(max_size=4))
+def test_describe_never_fails_on_odd_records(kind: str, fields: dict[str, Any],
+                                             spans: list[tuple[str, int, int]] | None,
+                                             node: str | None) -> None:
+    record = _record(kind, 10, 20, fields, None if spans is None else tuple(spans),
+                     node=node, bitmap=node)
+    for view in describe(record):
+        assert isinstance(view.text, str) and isinstance(view.label, str)
+    for info in reg.FIELDS.values():
+        reg.field_value(record, info)
+
+
+def test_describe_a_command_whose_span_key_differs_from_its_value_key() -> None:
+    data = g.build_packaged(b"")
+    record = _record("command", 0, len(data), {
+        "command": "PACKAGED", "command_number": 7, "length": 4, "packaged_length": 0},
+        (("item_type", 0, 1), ("command", 1, 2), ("length", 3, 2),
+         ("packaged_length", 5, 4)))
+    views = describe(record)
+    assert [(v.info.filter_name, v.value, v.generated) for v in views] == [
+        ("item", g.ItemType.COMMAND, False), ("command", 7, False),
+        ("command.length", 4, False), ("command.packaged_length", 0, False),
+        ("command.name", "PACKAGED", True)]
+    assert views[1].text == "PACKAGED (7)"
+    assert sum(v.length for v in views if not v.generated) == len(data)
