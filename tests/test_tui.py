@@ -17,7 +17,7 @@ from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_
 from migshark.analyzer.bitmaps import BitmapTracker
 from migshark.analyzer.cli import build_parser, format_event_line
 from migshark.analyzer.records import Finding, Record, Severity
-from migshark.dissectors.registry import describe
+from migshark.dissectors.registry import describe, field_value
 from migshark.tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from migshark.tui.demo import build_demo_stream, write_demo_stream
 from migshark.tui.fields import rebuild_bytes
@@ -160,7 +160,7 @@ def test_described_fields_tile_records_and_rebuild_matches_the_wire(demo: Path) 
         if record.kind.startswith(("bitmap-", "section-", "footer", "file-header", "eof",
                                    "ram-mem-size", "ram-eos")):
             views = describe(record)
-            assert all(record.fields.get(v.info.key) == v.value for v in views
+            assert all(field_value(record, v.info) == v.value for v in views
                        if not v.generated and not v.info.bitmask and not v.name), record.kind
             if record.spans is not None:
                 # With the decoder's spans the wire fields tile the record exactly.
