@@ -14,7 +14,7 @@ import pytest
 from migshark.analyzer.analysis import AnalysisOptions, analyze_path
 from migshark.analyzer.pcapwriter import Packet, build_frame, conversation
 from migshark.analyzer.scenario import TransportSpec
-from tests.conftest import CAPTURES
+from testkit.paths import CAPTURES
 
 GENERATED = CAPTURES / "generated"
 LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2 = 1, 276

@@ -10,7 +10,7 @@ import pytest
 from migshark.analyzer.bitmaps import BitmapTracker
 from migshark.analyzer.decoder import StreamDecoder, decode_bytes
 from migshark.analyzer.records import Finding, Record, Severity
-from tests import synthetic
+from testkit import synthetic
 
 
 def _decode_chunked(data: bytes, sizes, **options):

@@ -23,7 +23,7 @@ from migshark.analyzer.analysis import analyze_path
 from migshark.analyzer.encoder import encode
 from migshark.analyzer.replay import ReplayReport, send_stream
 from migshark.analyzer.scenario import load_scenario, parse_fault
-from tests.conftest import require, require_tools
+from testkit.require import require, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "captures" / "scenarios" / "replay-pc.toml"

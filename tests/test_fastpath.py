@@ -14,7 +14,7 @@ import migshark.analyzer.analysis as analysis
 from migshark.analyzer import speedups
 from migshark.analyzer.analysis import analyze_path
 from migshark.analyzer.capture import parse_frame
-from tests.synthetic import precopy_stream
+from testkit.synthetic import precopy_stream
 
 SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
 _REC = struct.Struct("<IIII")

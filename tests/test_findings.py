@@ -14,7 +14,7 @@ from migshark.analyzer.bitmaps import DestinationContext, Dialect
 from migshark.analyzer.mapping import parse_mapping
 from migshark.analyzer.records import Finding, Severity
 from migshark.dissectors import grammar as g
-from tests.test_findings_support import (
+from testkit.crafted import (
     BITMAP_ID,
     CHUNK_BITS,
     DEVICE_ID,

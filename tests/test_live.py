@@ -22,9 +22,10 @@ from migshark.analyzer.live import LiveDemux, PcapngWriter
 from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
-from tests.conftest import REPO_ROOT, require_root, require_tools
+from testkit.paths import REPO_ROOT
+from testkit.require import require_root, require_tools
+from testkit.synthetic import precopy_stream
 from tests.realqemu.harness import PRESETS, run_migration
-from tests.synthetic import precopy_stream
 
 SRC, DST = "10.0.0.1", "10.0.0.2"
 

@@ -25,9 +25,10 @@ from migshark.analyzer.proxy import (
 )
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
-from tests.conftest import REPO_ROOT, require_tools
+from testkit.paths import REPO_ROOT
+from testkit.require import require_tools
+from testkit.synthetic import precopy_stream
 from tests.realqemu.harness import PRESETS, run_migration
-from tests.synthetic import precopy_stream
 
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 

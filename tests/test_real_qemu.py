@@ -20,7 +20,8 @@ from migshark.analyzer.analysis import AnalysisOptions, analyze_path
 from migshark.analyzer.cli import main as cli_main
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.records import Finding, Record, Severity
-from tests.conftest import CAPTURES, require_root, require_tools
+from testkit.paths import CAPTURES
+from testkit.require import require_root, require_tools
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))

@@ -26,7 +26,8 @@ from migshark.dissectors.scapy_layer import (
     effective_flags,
     record_kind,
 )
-from tests.conftest import CAPTURES, require_root, require_tools
+from testkit.paths import CAPTURES
+from testkit.require import require_root, require_tools
 
 F = g.BitmapFlag
 

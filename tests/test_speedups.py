@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from migshark.analyzer import speedups
 from migshark.analyzer.analysis import InputError, analyze_path
 from migshark.analyzer.decoder import StreamDecoder
-from tests.conftest import require
-from tests.synthetic import precopy_stream
+from testkit.require import require
+from testkit.synthetic import precopy_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted(p for p in (ROOT / "captures").glob("*/*") if p.suffix in (".pcap", ".pcapng",

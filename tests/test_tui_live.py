@@ -13,7 +13,7 @@ import pytest
 from migshark.tui.app import MigsharkApp
 from migshark.tui.live import LiveSource
 from migshark.tui.proxy import ProxySource
-from tests.conftest import require_root, require_tools
+from testkit.require import require_root, require_tools
 
 
 def _live_args(port: int) -> argparse.Namespace:

@@ -18,7 +18,8 @@ from textual.widgets import Input
 
 from migshark.tui.app import MigsharkApp
 from migshark.tui.widgets import RecordList
-from tests.conftest import CAPTURES, require
+from testkit.paths import CAPTURES
+from testkit.require import require
 
 CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 

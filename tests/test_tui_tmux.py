@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPTURES, REPO_ROOT, require, require_tools
+from testkit.paths import CAPTURES, REPO_ROOT
+from testkit.require import require, require_tools
 
 CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 WAIT_SECONDS = 30.0
