@@ -27,11 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from pcapwriter import TcpPcapWriter  # noqa: E402
 
 from migshark.dissectors import grammar as g  # noqa: E402
+from testkit.tcpflows import TcpPcapWriter  # noqa: E402
 
 PAGE = 4096
 RAM_BLOCK = "pc.ram"

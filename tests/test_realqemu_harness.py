@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_root, require_tools
 
+from testkit.require import require, require_root, require_tools
 from tests.realqemu.harness import (
     PRESETS,
     MigrationResult,

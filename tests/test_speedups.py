@@ -183,7 +183,8 @@ def _mutation_base(suffix: str = ".pcap") -> bytes:
     if suffix not in _MUTATION_BASES:
         import tempfile
 
-        from tests.test_fastpath import Conn, migration_frames, write_pcap, write_pcapng
+        from testkit.pcapfiles import write_pcap, write_pcapng
+        from testkit.tcpflows import Conn, migration_frames
 
         frames = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444),
                                   precopy_stream(extra_pages=40), 11, True)
