@@ -154,7 +154,8 @@ class TcpPcapWriter:
         self._s_seq += 1
         self._frame(True, ACK, b"")
 
-    def _frame(self, from_client: bool, flags: int, payload: bytes | memoryview) -> None:
+    def _frame(self, from_client: bool, flags: int,
+               payload: bytes | bytearray | memoryview) -> None:
         n = len(payload)
         total = 40 + n
         self._ip_id = (self._ip_id + 1) & 0xFFFF
@@ -201,7 +202,7 @@ class TcpPcapWriter:
             self._segment(view[start : start + mss])
         pending += view[full:]
 
-    def _segment(self, payload: bytes | memoryview) -> None:
+    def _segment(self, payload: bytes | bytearray | memoryview) -> None:
         self._frame(True, ACK | PSH, payload)
         self._c_seq += len(payload)
         self._unacked += 1

@@ -58,7 +58,8 @@ class Outcome:
 
 
 def run_destination(workdir: Path, data: bytes) -> Outcome:
-    from tests.realqemu.harness import _Qemu, free_port
+    from testkit.processes import free_port
+    from tests.realqemu.harness import _Qemu
     from tests.realqemu.qmp import QMPClosed, QMPError, QMPTimeout
 
     disk = workdir / "drive0.qcow2"
@@ -163,7 +164,7 @@ def test_verdict_table_in_docs_is_current() -> None:
 def test_cli_replay_reports_unreachable_destination_and_bad_addresses(
         capsys: pytest.CaptureFixture[str]) -> None:
     from migshark.analyzer.cli import main
-    from tests.realqemu.harness import free_port
+    from testkit.processes import free_port
 
     port = free_port()  # nothing listens there
     assert main(["replay", str(SCENARIO), "--to", f"tcp:127.0.0.1:{port}"]) == 2

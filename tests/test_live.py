@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
+from testkit.processes import reap, recv_exactly, wait_for_banner
 from testkit.require import require_root, require_tools
 from testkit.synthetic import precopy_stream
 from tests.realqemu.harness import PRESETS, run_migration
@@ -133,17 +132,8 @@ def _start_live(port: int, pcapng: Path, *extra: str) -> subprocess.Popen[bytes]
         [sys.executable, "-m", "migshark", "live", "-i", "lo", "--port", str(port),
          "--json", "-w", str(pcapng), *extra],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    seen = b""
-    deadline = time.monotonic() + 15
     # frames are captured from the moment it says so, like tcpdump's "listening on"
-    while b"listening on" not in seen:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"live did not start: {seen!r}")
-        seen += chunk
+    wait_for_banner(proc, b"listening on", 15, "live")
     return proc
 
 
@@ -169,9 +159,7 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
                                  f"{err[-2000:]!r}") from None
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
+            reap(proc)
     assert procs[0].returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 1, "--once prints exactly one migration"
@@ -266,9 +254,7 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
         peer, _ = server.accept()
         partial = precopy_stream()[:700]  # the bitmaps started, nothing sent for them
         client.sendall(partial)
-        received = b""
-        while len(received) < len(partial):
-            received += peer.recv(65536)
+        recv_exactly(peer, len(partial))
         # the frames are on lo once the peer has them; SIGINT is Ctrl-C
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
@@ -276,9 +262,7 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
         peer.close()
     finally:
         server.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+        reap(proc)
     assert b"Traceback" not in err, err.decode()
     report = json.loads(out.decode().splitlines()[0])
     migration = report["migrations"][0]
