@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import subprocess
 import time
@@ -82,6 +83,17 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
             raise ConnectionError(f"peer closed after {len(received)} of {size} bytes")
         received += chunk
     return bytes(received)
+
+
+def interrupt_after(proc: subprocess.Popen[bytes], client: socket.socket,
+                    peer: socket.socket, data: bytes, timeout: float = 15.0
+                    ) -> tuple[bytes, bytes]:
+    """Send `data` from `client`, wait until `peer` holds all of it (so it has passed
+    the process under test), then Ctrl-C the process; returns its stdout and stderr."""
+    client.sendall(data)
+    recv_exactly(peer, len(data))
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=timeout)
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

@@ -21,7 +21,7 @@ from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
-from testkit.processes import reap, recv_exactly, wait_for_banner
+from testkit.processes import interrupt_after, reap, wait_for_banner
 from testkit.require import require_root, require_tools
 from testkit.synthetic import precopy_stream
 from tests.realqemu.harness import PRESETS, run_migration
@@ -253,11 +253,8 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
         client = socket.create_connection(("127.0.0.1", port))
         peer, _ = server.accept()
         partial = precopy_stream()[:700]  # the bitmaps started, nothing sent for them
-        client.sendall(partial)
-        recv_exactly(peer, len(partial))
-        # the frames are on lo once the peer has them; SIGINT is Ctrl-C
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        # the frames are on lo once the peer has them
+        out, err = interrupt_after(proc, client, peer, partial)
         client.close()
         peer.close()
     finally:

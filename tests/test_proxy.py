@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from migshark.analyzer.proxy import (
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
-from testkit.processes import reap, recv_exactly, wait_for_banner
+from testkit.processes import interrupt_after, reap, wait_for_banner
 from testkit.require import require_tools
 from testkit.synthetic import precopy_stream
 from tests.realqemu.harness import PRESETS, run_migration
@@ -221,10 +220,7 @@ def test_proxy_ctrl_c_reports_the_open_connection() -> None:
         host, port = bound.removeprefix("tcp:").rsplit(":", 1)
         client = socket.create_connection((host, int(port)), timeout=10)
         peer, _ = server.accept()
-        client.sendall(partial)
-        recv_exactly(peer, len(partial))
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        out, err = interrupt_after(proc, client, peer, partial)
         client.close()
         peer.close()
     finally:
