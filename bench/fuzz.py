@@ -34,7 +34,7 @@ def _check(data: bytes) -> None:
 
 
 def run_atheris(seconds: int) -> int:
-    import atheris
+    import atheris  # type: ignore[import-untyped]  # optional, and without types
 
     with atheris.instrument_imports():
         import migshark.analyzer.bitmaps  # noqa: F401
