@@ -37,7 +37,7 @@ from testkit.processes import (  # noqa: E402 - needs the repo root on sys.path
     wait_listening,
     wait_until,
 )
-from tests.realqemu.qmp import QMPClient  # noqa: E402
+from testkit.realqemu.qmp import QMPClient  # noqa: E402
 
 PAGE = 4096
 DISK_SIZE = 4 << 30

@@ -4,7 +4,7 @@
     sudo python captures/make_real_captures.py            # every preset
     sudo python captures/make_real_captures.py precopy    # just some
 
-For each preset of tests/realqemu/harness.py this writes `<scenario>.pcap` and
+For each preset of testkit/realqemu/harness.py this writes `<scenario>.pcap` and
 `<scenario>.pcapng` (tcp transport) or `<scenario>.bin` (exec transport), and
 `<scenario>.json`: the harness's ground truth plus `description` and `files`. Needs
 root (tcpdump), qemu-system-x86_64, qemu-img, tcpdump and editcap. Disk images and
@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT = REPO_ROOT / "captures" / "real"
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.realqemu.harness import PRESETS, run_migration  # noqa: E402
+from testkit.realqemu.harness import PRESETS, run_migration  # noqa: E402
 
 
 def make(name: str, out: Path) -> dict[str, Any]:

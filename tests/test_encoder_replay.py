@@ -59,8 +59,8 @@ class Outcome:
 
 def run_destination(workdir: Path, data: bytes) -> Outcome:
     from testkit.processes import free_port
-    from tests.realqemu.harness import _Qemu
-    from tests.realqemu.qmp import QMPClosed, QMPError, QMPTimeout
+    from testkit.realqemu.harness import _Qemu
+    from testkit.realqemu.qmp import QMPClosed, QMPError, QMPTimeout
 
     disk = workdir / "drive0.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(disk), "64M"], check=True,

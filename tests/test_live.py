@@ -22,9 +22,9 @@ from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
 from testkit.processes import interrupt_after, reap, wait_for_banner
+from testkit.realqemu.harness import PRESETS, run_migration
 from testkit.require import require_root, require_tools
 from testkit.synthetic import precopy_stream
-from tests.realqemu.harness import PRESETS, run_migration
 
 SRC, DST = "10.0.0.1", "10.0.0.2"
 
@@ -194,7 +194,7 @@ def test_live_postcopy_real_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_return_path(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -209,7 +209,7 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.qemu
 def test_live_labels_real_multifd_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_multifd(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[

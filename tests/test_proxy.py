@@ -23,9 +23,9 @@ from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
 from testkit.processes import interrupt_after, reap, wait_for_banner
+from testkit.realqemu.harness import PRESETS, run_migration
 from testkit.require import require_tools
 from testkit.synthetic import precopy_stream
-from tests.realqemu.harness import PRESETS, run_migration
 
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
@@ -134,7 +134,7 @@ def test_proxy_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """With the return-path capability the destination talks back; the proxy decodes it."""
     require_tools(*QEMU_TOOLS)
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_return_path(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -155,7 +155,7 @@ def test_proxy_forwards_multifd_channels(tmp_path: Path, monkeypatch: pytest.Mon
     """multifd opens extra connections to the same address; each is forwarded, and the
     main stream still yields QEMU's bitmaps."""
     require_tools(*QEMU_TOOLS)
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_multifd(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[

@@ -46,19 +46,10 @@ def python_files_under(folder: str) -> list[Path]:
     return sorted((REPO_ROOT / folder).rglob("*.py"))
 
 
-# The real-QEMU harness moves to testkit/realqemu/ in a commit of its own (a pure
-# rename, so that edits made to it meanwhile on other branches follow it).
-STILL_MOVING = "tests.realqemu"
-
-
 def offending_imports(folder: str) -> list[str]:
     found = []
     for path in python_files_under(folder):
-        if path.is_relative_to(REPO_ROOT / "tests" / "realqemu"):
-            continue
         for module in imported_modules(path.read_text()):
-            if module.startswith(STILL_MOVING):
-                continue
             if is_test_module(module, inside_tests=folder == "tests"):
                 found.append(f"{path.relative_to(REPO_ROOT)} imports {module}")
     return found

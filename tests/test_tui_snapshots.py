@@ -26,7 +26,7 @@ CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 
 @pytest.fixture
 def app() -> MigsharkApp:
-    require(CAPTURE.exists(), f"{CAPTURE} is missing (make it with tests/realqemu)")
+    require(CAPTURE.exists(), f"{CAPTURE} is missing (make it with testkit/realqemu)")
     return MigsharkApp.for_path(Path(CAPTURE))
 
 
