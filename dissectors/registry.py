@@ -43,7 +43,8 @@ ABBREV_PREFIX = "qemu_mig."
 
 
 class FieldType(StrEnum):
-    """Wireshark's FT_* names, lower case."""
+    """Wireshark's FT_* names, lower case: also the names of the Lua ProtoField
+    constructors (ProtoField.uint32, .bool, .string, .bytes) a plugin generator calls."""
 
     UINT8 = "uint8"
     UINT16 = "uint16"
@@ -577,6 +578,10 @@ class FieldView:
     def text(self) -> str:
         return self.info.display(self.value)
 
+    @property
+    def registered(self) -> bool:
+        return self.info.description != UNREGISTERED
+
 
 _INDEXED = re.compile(r"\[(\d+)\]")
 
@@ -594,9 +599,12 @@ def _path_value(fields: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+UNREGISTERED = "not in the registry"
+
+
 def _unregistered(key: str) -> FieldInfo:
-    return FieldInfo(key, key, key, FieldType.STRING, Base.NONE,
-                     description="not in the registry")
+    """A stand-in for a key the registry lacks, so that the record still shows it."""
+    return FieldInfo(key, key, key, FieldType.STRING, Base.NONE, description=UNREGISTERED)
 
 
 def _view_value(record: RecordLike, info: FieldInfo, span_key: str) -> Any:
