@@ -32,6 +32,7 @@ from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.fastpath import pump_capture
 from migshark.analyzer.records import Event, Fields, Finding, Record, Severity
 from migshark.dissectors.grammar import QEVM_MAGIC
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
     from migshark.analyzer.mapping import BitmapMapping
@@ -128,7 +129,7 @@ class MigrationStream:
             if isinstance(event, Record):
                 self.record_counts[event.kind] += 1
                 self.section_bytes[event.section or "(framing)"] += event.length
-                if event.kind == "section-part" and event.section == "ram":
+                if event.kind == Kind.SECTION_PART and event.section == "ram":
                     self.iterations += 1
             else:
                 self.findings.append(event)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from migshark.analyzer import findings
 from migshark.analyzer.records import Event, Fields, Finding, Record
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import BITMAP_KINDS, Kind
 
 if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
     from migshark.analyzer.mapping import BitmapMapping
@@ -291,7 +292,7 @@ class BitmapTracker:
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
             return []
         kind = event.kind
-        if not kind.startswith("bitmap-"):
+        if kind not in BITMAP_KINDS:
             return []
         flags = event.fields.get("flags", 0)
         # dirty_bitmap_load_header(): only a record whose flags are EOS alone (or
@@ -314,14 +315,14 @@ class BitmapTracker:
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a bitmap; QEMU: 'Error: block device name is not set' (sic)")
             return found
-        if kind in ("bitmap-eos", "bitmap-empty"):
+        if kind in (Kind.BITMAP_EOS, Kind.BITMAP_EMPTY):
             return found
         key = (event.node, event.bitmap)
-        if kind == "bitmap-start":
+        if kind == Kind.BITMAP_START:
             found += self._start(key, event)
-        elif kind == "bitmap-bits":
+        elif kind == Kind.BITMAP_BITS:
             found += self._bits(key, event)
-        elif kind == "bitmap-complete":
+        elif kind == Kind.BITMAP_COMPLETE:
             found += self._complete(key, event)
         return found
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from migshark.analyzer.scenario import BitmapSpec, Fault, NodeSpec, Scenario, ScenarioError
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 TIMER_SECTION_ID = 0
 RAM_SECTION_ID = 2
@@ -198,7 +199,7 @@ class EncodedStream:
 
     def page_data_ranges(self) -> list[tuple[int, int]]:
         return [(m.offset + m.info["data_offset"], m.end) for m in self.marks
-                if m.kind == "ram-page"]
+                if m.kind == Kind.RAM_PAGE]
 
 
 class _Out:
@@ -267,17 +268,17 @@ class Encoder:
     def encode(self) -> EncodedStream:
         s = self.scenario
         out = self.out
-        out.add(g.build_file_header(), "file-header")
-        out.add(g.build_configuration(s.machine_type), "configuration")
-        out.add(g.build_command(g.Command.POSTCOPY_ADVISE), "command")
+        out.add(g.build_file_header(), Kind.FILE_HEADER)
+        out.add(g.build_configuration(s.machine_type), Kind.CONFIGURATION)
+        out.add(g.build_command(g.Command.POSTCOPY_ADVISE), Kind.COMMAND)
         self._section_start("ram", RAM_SECTION_ID, g.RAM_SECTION_VERSION)
-        out.add(g.build_ram_mem_size([(b.name, b.size) for b in s.ram]), "ram-mem-size")
-        out.add(g.build_ram_eos(), "ram-eos")
+        out.add(g.build_ram_mem_size([(b.name, b.size) for b in s.ram]), Kind.RAM_MEM_SIZE)
+        out.add(g.build_ram_eos(), Kind.RAM_EOS)
         self._footer(RAM_SECTION_ID)
         self._bitmap_setup()
         self._section_part(g.ItemType.SECTION_PART, RAM_SECTION_ID)
         self._ram_pages()
-        out.add(g.build_ram_eos(), "ram-eos")
+        out.add(g.build_ram_eos(), Kind.RAM_EOS)
         self._footer(RAM_SECTION_ID)
         if self.plans:
             self._idle_bitmap_part()
@@ -301,10 +302,10 @@ class Encoder:
                 self._bitmap_eos()
                 self._footer(DIRTY_BITMAP_SECTION_ID)
             self._devices()
-            out.add(g.build_eof(), "eof")
+            out.add(g.build_eof(), Kind.EOF)
             devices = FAKE_DEVICES if s.devices else ()
             desc = {"page_size": PAGE_SIZE, "devices": [d.description() for d in devices]}
-            out.add(g.build_vmdescription(json.dumps(desc).encode()), "vmdescription")
+            out.add(g.build_vmdescription(json.dumps(desc).encode()), Kind.VMDESCRIPTION)
         else:
             self._postcopy_package()
             if self.plans:
@@ -318,7 +319,7 @@ class Encoder:
                 self._bitmap_completes()
                 self._bitmap_eos()
                 self._footer(DIRTY_BITMAP_SECTION_ID)
-            out.add(g.build_eof(), "eof")
+            out.add(g.build_eof(), Kind.EOF)
         data = out.data()
         complete = True
         truncate = self.faults.get("truncate-at")
@@ -331,21 +332,21 @@ class Encoder:
     def _section_start(self, idstr: str, section_id: int, version: int,
                        item: g.ItemType = g.ItemType.SECTION_START) -> int:
         return self.out.add(g.build_section_start(item, section_id, idstr, 0, version),
-                            "section-start" if item == g.ItemType.SECTION_START
-                            else "section-full", section_id=section_id, idstr=idstr)
+                            Kind.SECTION_START if item == g.ItemType.SECTION_START
+                            else Kind.SECTION_FULL, section_id=section_id, idstr=idstr)
 
     def _section_part(self, item: g.ItemType, section_id: int) -> int:
-        kind = "section-part" if item == g.ItemType.SECTION_PART else "section-end"
+        kind = Kind.SECTION_PART if item == g.ItemType.SECTION_PART else Kind.SECTION_END
         return self.out.add(g.build_section_part(item, section_id), kind,
                             section_id=section_id)
 
     def _footer(self, section_id: int, wire_id: int | None = None) -> int:
         return self.out.add(g.build_footer(section_id if wire_id is None else wire_id),
-                            "footer", section_id=section_id)
+                            Kind.FOOTER, section_id=section_id)
 
     def _idle_ram_part(self) -> None:
         self._section_part(g.ItemType.SECTION_PART, RAM_SECTION_ID)
-        self.out.add(g.build_ram_eos(), "ram-eos")
+        self.out.add(g.build_ram_eos(), Kind.RAM_EOS)
         self._footer(RAM_SECTION_ID)
 
     def _idle_bitmap_part(self) -> None:
@@ -355,7 +356,7 @@ class Encoder:
 
     def _ram_end(self) -> None:
         self._section_part(g.ItemType.SECTION_END, RAM_SECTION_ID)
-        self.out.add(g.build_ram_eos(), "ram-eos")
+        self.out.add(g.build_ram_eos(), Kind.RAM_EOS)
         self._footer(RAM_SECTION_ID)
 
     def _ram_pages(self) -> None:
@@ -368,10 +369,10 @@ class Encoder:
                 data_offset = 8 + (1 + len(name.encode()) if name else 0)
                 if rng.random() < block.data_fraction:
                     page = rng.randbytes(PAGE_SIZE)
-                    self.out.add(g.build_ram_page(addr, name, page), "ram-page",
+                    self.out.add(g.build_ram_page(addr, name, page), Kind.RAM_PAGE,
                                  block=block.name, addr=addr, data_offset=data_offset)
                 else:
-                    self.out.add(g.build_ram_page(addr, name, b"", zero_fill=0), "ram-zero",
+                    self.out.add(g.build_ram_page(addr, name, b"", zero_fill=0), Kind.RAM_ZERO,
                                  block=block.name, addr=addr)
 
     def _devices(self) -> None:
@@ -380,7 +381,7 @@ class Encoder:
         for device in FAKE_DEVICES:
             self._section_start(device.idstr, device.section_id, device.version,
                                 g.ItemType.SECTION_FULL)
-            self.out.add(device.payload, "device-state", idstr=device.idstr)
+            self.out.add(device.payload, Kind.DEVICE_STATE, idstr=device.idstr)
             self._footer(device.section_id)
 
     def _postcopy_package(self) -> None:
@@ -420,7 +421,7 @@ class Encoder:
             offset = self.out.add(g.bitmap_record(
                 g.BitmapFlag.START, device_name=device, bitmap_name=name,
                 granularity=granularity, bitmap_flags=flags, flags_width=width),
-                "bitmap-start", node=plan.node.wire_name, bitmap=plan.spec.wire_name)
+                Kind.BITMAP_START, node=plan.node.wire_name, bitmap=plan.spec.wire_name)
             if target and "reserved-start-flags" in self.faults:
                 self._expect("reserved-start-flags", offset, plan)
             if target and "multibyte-flags" in self.faults:
@@ -438,7 +439,7 @@ class Encoder:
         self._footer(DIRTY_BITMAP_SECTION_ID, footer_id)
 
     def _bitmap_eos(self) -> None:
-        self.out.add(g.bitmap_record(g.BitmapFlag.EOS), "bitmap-eos")
+        self.out.add(g.bitmap_record(g.BitmapFlag.EOS), Kind.BITMAP_EOS)
 
     def _bitmap_bulk(self) -> None:
         if "bits-unknown-bitmap" in self.faults and self.plans:
@@ -454,7 +455,7 @@ class Encoder:
         count = min(node.size // g.SECTOR_SIZE, self.plans[0].sectors_per_chunk)
         offset = self.out.add(g.bitmap_record(
             g.BitmapFlag.BITS | g.BitmapFlag.ZEROES, device_name=device, bitmap_name=name,
-            first_sector=0, sector_count=count), "bitmap-bits", node=node.wire_name,
+            first_sector=0, sector_count=count), Kind.BITMAP_BITS, node=node.wire_name,
             bitmap=UNKNOWN_BITMAP_NAME)
         self._expect("unknown-bitmap", offset, bitmap_name=UNKNOWN_BITMAP_NAME,
                      node_name=node.wire_name)
@@ -482,7 +483,7 @@ class Encoder:
         offset = self.out.add(g.bitmap_record(
             flags, device_name=device, bitmap_name=name, first_sector=first,
             sector_count=count, buffer=buffer, flags_width=width),
-            "bitmap-bits", node=plan.node.wire_name, bitmap=plan.spec.wire_name)
+            Kind.BITMAP_BITS, node=plan.node.wire_name, bitmap=plan.spec.wire_name)
         if width == 4:
             self._multibyte_bits_done = True
             self._expect("multibyte-flags", offset, plan)
@@ -494,7 +495,7 @@ class Encoder:
         for plan in self.plans:
             device, name = self.names.names(plan.node, plan.spec, plan.spec.wire_name)
             self.out.add(g.bitmap_record(g.BitmapFlag.COMPLETE, device_name=device,
-                                         bitmap_name=name), "bitmap-complete",
+                                         bitmap_name=name), Kind.BITMAP_COMPLETE,
                          node=plan.node.wire_name, bitmap=plan.spec.wire_name)
 
     # -- faults and expectations --------------------------------------------------------
@@ -552,7 +553,7 @@ class Encoder:
         where = min(inside, key=lambda m: m.length).offset if inside else at
         self._expect("truncated", where)
         for index, plan in enumerate(self.plans):
-            completes = [m for m in self.out.marks if m.kind == "bitmap-complete"
+            completes = [m for m in self.out.marks if m.kind == Kind.BITMAP_COMPLETE
                          and m.info["node"] == plan.node.wire_name
                          and m.info["bitmap"] == plan.spec.wire_name]
             if not completes or completes[0].end > at:
@@ -741,14 +742,14 @@ class ScenarioExporter:
         seen = self._facts.setdefault(id(stream), {"blocks": [], "pages": 0, "zero": 0,
                                                    "parts": 0, "done": False})
         kind = getattr(event, "kind", None)
-        if kind == "ram-mem-size" and not seen["blocks"]:
+        if kind == Kind.RAM_MEM_SIZE and not seen["blocks"]:
             seen["blocks"] = event.fields.get("blocks", [])
-        elif kind == "ram-pages":
+        elif kind == Kind.RAM_PAGES:
             seen["pages"] += event.fields.get("pages", 0)
             seen["zero"] += event.fields.get("zero_pages", 0)
-        elif kind == "section-end":
+        elif kind == Kind.SECTION_END:
             seen["done"] = True
-        elif (kind == "section-part" and event.section == g.DIRTY_BITMAP_SECTION_IDSTR
+        elif (kind == Kind.SECTION_PART and event.section == g.DIRTY_BITMAP_SECTION_IDSTR
               and not seen["done"]):
             seen["parts"] += 1
 

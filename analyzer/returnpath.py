@@ -1,25 +1,11 @@
 """Sans-IO decoder for the return path: destination-to-source messages.
 
-Facts from QEMU's migration/migration.c (`enum mig_rp_message_type`, `rp_cmd_args`,
-`migrate_send_rp_message`, `migrate_send_rp_recv_bitmap`) and ram.c
-(`ramblock_recv_bitmap_send`). Each message is be16 type, be16 length, then `length`
-bytes of data:
-
-    1 SHUT            be32 error code (0: the destination finished cleanly)
-    2 PONG            be32 value of the PING it answers
-    3 REQ_PAGES_ID    be64 start, be32 length, counted RAM block name
-    4 REQ_PAGES       be64 start, be32 length (same RAM block as the previous request)
-    5 RECV_BITMAP     counted RAM block name; the message is followed, outside of the
-                      message framing, by be64 size, `size` bytes of bitmap and the be64
-                      marker 0x0123456789abcdef
-    6 RESUME_ACK      be32 value
-    7 SWITCHOVER_ACK  no data (QEMU 8.1+)
-
-The source refuses a message whose length differs from the fixed length of its type
-("Received '%s' message (0x%04x) with incorrect length %d expecting %zu") and any type
-it does not know ("Received invalid message 0x%04x length 0x%04x"). Those become
-findings here, after which the decoder keeps going on the same framing, as a
-monitoring tool should.
+The message format is declared in dissectors.returnpath (from QEMU's
+migration/migration.c and ram.c); this module is the reader. The source refuses a
+message whose length differs from the fixed length of its type ("Received '%s'
+message (0x%04x) with incorrect length %d expecting %zu") and any type it does not
+know ("Received invalid message 0x%04x length 0x%04x"). Those become findings here,
+after which the decoder keeps going on the same framing, as a monitoring tool should.
 
 Records carry section "return-path" and offsets counted from the first byte of the
 reverse direction of the connection.
@@ -28,58 +14,35 @@ reverse direction of the connection.
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
 from typing import Any
 
 from migshark.analyzer import findings
 from migshark.analyzer.records import Event, EventQueue, Record
+from migshark.dissectors import grammar as g
+from migshark.dissectors import returnpath as rp
+from migshark.dissectors.registry import Kind
+from migshark.dissectors.returnpath import (
+    FIXED_LENGTHS,
+    RECV_BITMAP_ENDING,
+    ReturnPathMessage,
+    build_message,
+    build_recv_bitmap,
+)
 
 RETURN_PATH_SECTION = "return-path"
 
-RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 # A received-pages bitmap covers one RAM block at one bit per target page: even a
 # 16 TiB block at 4 KiB pages is 512 MiB. Anything larger is garbage, not a bitmap.
 MAX_RECV_BITMAP = 1 << 30
 
-_HEADER = struct.Struct(">HH")
-_BE32 = struct.Struct(">I")
-_BE64 = struct.Struct(">Q")
-_REQ_PAGES = struct.Struct(">QI")
-
-
-class ReturnPathMessage(IntEnum):
-    INVALID = 0
-    SHUT = 1
-    PONG = 2
-    REQ_PAGES_ID = 3
-    REQ_PAGES = 4
-    RECV_BITMAP = 5
-    RESUME_ACK = 6
-    SWITCHOVER_ACK = 7
-
-
-# rp_cmd_args[].len; None means variable length (checked per type below).
-FIXED_LENGTHS: dict[int, int | None] = {
-    ReturnPathMessage.SHUT: 4,
-    ReturnPathMessage.PONG: 4,
-    ReturnPathMessage.REQ_PAGES_ID: None,
-    ReturnPathMessage.REQ_PAGES: 12,
-    ReturnPathMessage.RECV_BITMAP: None,
-    ReturnPathMessage.RESUME_ACK: 4,
-    ReturnPathMessage.SWITCHOVER_ACK: 0,
-}
-
-
-def build_message(message: int, data: bytes = b"") -> bytes:
-    """One return-path message as QEMU writes it (for tests and generators)."""
-    return _HEADER.pack(message, len(data)) + data
-
-
-def build_recv_bitmap(block: str, bitmap: bytes) -> bytes:
-    """RECV_BITMAP message plus the bitmap that follows it on the wire."""
-    name = block.encode()
-    return (build_message(ReturnPathMessage.RECV_BITMAP, bytes([len(name)]) + name)
-            + _BE64.pack(len(bitmap)) + bitmap + _BE64.pack(RECV_BITMAP_ENDING))
+# Fixed layouts read with one unpack each, formats taken from the declarations.
+_HEADER = struct.Struct(">" + g.fixed_format(rp.MessageHeader))
+_HEADER_SIZE = _HEADER.size
+_BE32 = struct.Struct(rp.Be32Value.fmtstr)
+_BE64 = struct.Struct(rp.RecvBitmapEnding.fmtstr)
+_REQ_PAGES = struct.Struct(">" + g.fixed_format(rp.ReqPages))
+_BITMAP_HEAD_SIZE = rp.RecvBitmapHead.sizeof()
+_BITMAP_FRAME = _BITMAP_HEAD_SIZE + rp.RecvBitmapEnding.sizeof()
 
 
 class ReturnPathDecoder(EventQueue):
@@ -132,7 +95,7 @@ class ReturnPathDecoder(EventQueue):
         del self._buf[:size]
         self.offset += size
 
-    def _record(self, kind: str, span: int, **fields: Any) -> Record:
+    def _record(self, kind: Kind, span: int, **fields: Any) -> Record:
         record = Record(offset=self.offset, length=span, kind=kind,
                         section=RETURN_PATH_SECTION, fields=fields)
         self._emit(record)
@@ -144,14 +107,14 @@ class ReturnPathDecoder(EventQueue):
             return False
         if self._bitmap_for is not None:
             return self._recv_bitmap_body()
-        if len(self._buf) < 4:
+        if len(self._buf) < _HEADER_SIZE:
             return False
         message, length = _HEADER.unpack_from(self._buf, 0)
-        if len(self._buf) < 4 + length:
+        if len(self._buf) < _HEADER_SIZE + length:
             return False
-        data = bytes(self._buf[4 : 4 + length])
+        data = bytes(self._buf[_HEADER_SIZE : _HEADER_SIZE + length])
         self._message(message, length, data)
-        self._consume(4 + length)
+        self._consume(_HEADER_SIZE + length)
         return True
 
     def _message(self, message: int, length: int, data: bytes) -> None:
@@ -161,15 +124,15 @@ class ReturnPathDecoder(EventQueue):
             name = f"UNKNOWN({message})"
         self.messages[name] = self.messages.get(name, 0) + 1
         fields: dict[str, Any] = {"message": name, "message_number": message, "length": length}
-        size = 4 + length
+        size = _HEADER_SIZE + length
         if message not in FIXED_LENGTHS:
-            self._record("rp-message", size, **fields, data=data.hex())
+            self._record(Kind.RP_MESSAGE, size, **fields, data=data.hex())
             self._bad(f"return-path message type {message} (length {length}) that QEMU does "
                       "not know; the source stops its return-path thread", size)
             return
         fixed = FIXED_LENGTHS[message]
         if fixed is not None and length != fixed:
-            self._record("rp-message", size, **fields, data=data.hex())
+            self._record(Kind.RP_MESSAGE, size, **fields, data=data.hex())
             self._bad(f"{name} with length {length}, QEMU expects {fixed}", size)
             return
         if message in (ReturnPathMessage.SHUT, ReturnPathMessage.PONG,
@@ -181,9 +144,9 @@ class ReturnPathDecoder(EventQueue):
             fields["start"], fields["page_bytes"] = _REQ_PAGES.unpack(data)
             fields["block"] = self._last_block
         elif message == ReturnPathMessage.REQ_PAGES_ID:
-            block = self._counted(data, 12)
+            block = self._counted(data, _REQ_PAGES.size)
             if block is None:
-                self._record("rp-message", size, **fields, data=data.hex())
+                self._record(Kind.RP_MESSAGE, size, **fields, data=data.hex())
                 self._bad(f"REQ_PAGES_ID of {length} bytes does not hold start, length and "
                           "a counted block name", size)
                 return
@@ -192,13 +155,13 @@ class ReturnPathDecoder(EventQueue):
         elif message == ReturnPathMessage.RECV_BITMAP:
             block = self._counted(data, 0)
             if block is None:
-                self._record("rp-message", size, **fields, data=data.hex())
+                self._record(Kind.RP_MESSAGE, size, **fields, data=data.hex())
                 self._bad(f"RECV_BITMAP of {length} bytes does not hold a counted block name",
                           size)
                 return
             fields["block"] = block
             self._bitmap_for = (block, self.offset)
-        self._record("rp-message", size, **fields)
+        self._record(Kind.RP_MESSAGE, size, **fields)
         if message == ReturnPathMessage.SHUT and fields["value"]:
             self._emit(findings.make(
                 "return-path-error",
@@ -212,30 +175,36 @@ class ReturnPathDecoder(EventQueue):
         return data[at + 1 :].decode("utf-8", "surrogateescape")
 
     def _recv_bitmap_body(self) -> bool:
-        if len(self._buf) < 8:
+        if len(self._buf) < _BITMAP_HEAD_SIZE:
             return False
         (size,) = _BE64.unpack_from(self._buf, 0)
         assert self._bitmap_for is not None
         block, _ = self._bitmap_for
         if size > MAX_RECV_BITMAP:
             self._bitmap_for = None
-            self._record("rp-recv-bitmap", 8, block=block, size=size)
-            self._bad(f"received-pages bitmap for {block!r} claims {size} bytes", 8)
+            self._record(Kind.RP_RECV_BITMAP, _BITMAP_HEAD_SIZE, block=block, size=size)
+            self._bad(f"received-pages bitmap for {block!r} claims {size} bytes",
+                      _BITMAP_HEAD_SIZE)
             self._lost = True
             return False
-        if len(self._buf) < 16 + size:
+        if len(self._buf) < _BITMAP_FRAME + size:
             return False
-        (ending,) = _BE64.unpack_from(self._buf, 8 + size)
-        bits = int.from_bytes(bytes(self._buf[8 : 8 + size]), "little").bit_count()
+        (ending,) = _BE64.unpack_from(self._buf, _BITMAP_HEAD_SIZE + size)
+        bitmap = bytes(self._buf[_BITMAP_HEAD_SIZE : _BITMAP_HEAD_SIZE + size])
+        bits = int.from_bytes(bitmap, "little").bit_count()
         self._bitmap_for = None
-        self._record("rp-recv-bitmap", 16 + size, block=block, size=size,
+        self._record(Kind.RP_RECV_BITMAP, _BITMAP_FRAME + size, block=block, size=size,
                      received_pages=bits, ending=f"{ending:#018x}")
         if ending != RECV_BITMAP_ENDING:
             self._bad(f"received-pages bitmap for {block!r} ends with {ending:#018x}, not "
-                      f"{RECV_BITMAP_ENDING:#018x}; QEMU refuses it", 16 + size)
-        self._consume(16 + size)
+                      f"{RECV_BITMAP_ENDING:#018x}; QEMU refuses it", _BITMAP_FRAME + size)
+        self._consume(_BITMAP_FRAME + size)
         return True
 
     def _bad(self, message: str, length: int) -> None:
         self._emit(findings.make("bad-return-path", message, self.offset,
                                  section=RETURN_PATH_SECTION, length=length))
+
+
+__all__ = ["FIXED_LENGTHS", "MAX_RECV_BITMAP", "RECV_BITMAP_ENDING", "RETURN_PATH_SECTION",
+           "ReturnPathDecoder", "ReturnPathMessage", "build_message", "build_recv_bitmap"]

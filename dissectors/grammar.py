@@ -17,6 +17,7 @@ from typing import Any
 
 from construct import (
     Adapter,
+    Array,
     Bytes,
     Computed,
     Const,
@@ -31,6 +32,7 @@ from construct import (
     Int64ub,
     Prefixed,
     Struct,
+    Switch,
     this,
 )
 
@@ -155,6 +157,9 @@ counted_name = CountedName()
 
 # --- stream framing (savevm.c) -------------------------------------------------
 
+# The byte that starts every item (an ItemType).
+ItemTypeByte = Int8ub
+
 FileHeader = Struct(
     "magic" / Const(QEVM_MAGIC),
     "version" / Int32ub,
@@ -201,6 +206,31 @@ PingValue = Int32ub
 SubsectionHeader = Struct(
     "idstr" / counted_name,
     "version_id" / Int32ub,
+)
+
+# CONFIGURATION's subsections (savevm.c vmstate_configuration): newer QEMU appends
+# them after the machine type, each QEMU_VM_SUBSECTION + SubsectionHeader + fields.
+CONFIG_TARGET_PAGE_BITS = "configuration/target-page-bits"
+CONFIG_CAPABILITIES = "configuration/capabilities"
+CONFIG_UUID = "configuration/uuid"
+# A capability is a counted name (vmstate_info_capability); QEMU has a few dozen,
+# so a larger count is garbage and the reader stops believing it there.
+MAX_CONFIG_CAPABILITIES = 64
+
+ConfigurationSubsectionBody = {
+    CONFIG_TARGET_PAGE_BITS: Struct("target_page_bits" / Int32ub),
+    CONFIG_CAPABILITIES: Struct(
+        "count" / Int32ub,
+        "capabilities" / Array(this.count, counted_name),
+    ),
+    CONFIG_UUID: Struct("uuid" / Bytes(16)),
+}
+
+# One whole subsection, marker included; a name not listed above has no known body.
+ConfigurationSubsection = Struct(
+    "marker" / Const(bytes([ItemType.SUBSECTION])),
+    "header" / SubsectionHeader,
+    "body" / Switch(this.header.idstr, ConfigurationSubsectionBody),
 )
 
 # --- RAM section (ram.c, version 4) -------------------------------------------
@@ -450,6 +480,13 @@ def build_command(command: int, data: bytes = b"") -> bytes:
 def build_packaged(inner: bytes) -> bytes:
     """MIG_CMD_PACKAGED: the command carries the length; the nested stream follows."""
     return build_command(Command.PACKAGED, PackagedLength.build(len(inner))) + inner
+
+
+def build_configuration_subsection(idstr: str, body: dict[str, Any], version_id: int = 1
+                                   ) -> bytes:
+    """One CONFIGURATION subsection, as newer QEMU appends after the machine type."""
+    return ConfigurationSubsection.build(
+        {"header": {"idstr": idstr, "version_id": version_id}, "body": body})
 
 
 def build_eof() -> bytes:

@@ -35,7 +35,8 @@ scapy's default MTU of 65535.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from scapy.config import conf
 from scapy.fields import (
@@ -53,21 +54,28 @@ from scapy.fields import (
 from scapy.packet import Packet, bind_layers
 
 from migshark.dissectors import grammar as g
+from migshark.dissectors import registry as reg
 
-ITEM_TYPES = {t.value: t.name for t in g.ItemType}
-COMMANDS = {c.value: c.name for c in g.Command}
-# FlagsField names are listed from bit 0 upwards
-BITMAP_FLAG_NAMES = ["EOS", "ZEROES", "BITMAP_NAME", "DEVICE_NAME", "START", "COMPLETE",
-                     "BITS", "EXTRA_FLAGS"]
-BITMAP_START_FLAG_NAMES = ["enabled", "persistent", "autoload", "reserved3", "reserved4",
-                           "reserved5", "reserved6", "reserved7"]
+ITEM_TYPES = dict(reg.ITEM.values or {})
+COMMANDS = dict(reg.COMMAND.values or {})
+
+
+def _flag_names(field: reg.FieldInfo, width: int, spell: Callable[[str], str]) -> list[str]:
+    """A FlagsField's names, bit 0 upwards, from the registry's bit fields; a bit the
+    registry does not name is `reservedN`."""
+    names = {bit.bit_length() - 1: spell(name) for bit, name in (field.bit_names or {}).items()}
+    return [names.get(index, f"reserved{index}") for index in range(width)]
+
+
+BITMAP_FLAG_NAMES = _flag_names(reg.BITMAP_FLAGS, 8, str)
+BITMAP_START_FLAG_NAMES = _flag_names(reg.BITMAP_START_FLAGS, 8, str.lower)
 
 
 class QemuMigration(Packet):
     """Dispatcher: `QemuMigration(data)` becomes the item class that `data` starts with."""
 
     name = "QEMU migration"
-    fields_desc: list[Any] = []
+    fields_desc: ClassVar[list[Any]] = []
 
     @classmethod
     def dispatch_hook(cls, _pkt: bytes | None = None, *args: Any, **kargs: Any) -> type:
@@ -107,11 +115,11 @@ class QemuSectionStart(Packet):
     name = "QEMU section start"
     fields_desc = [
         ByteEnumField("type", g.ItemType.SECTION_START, ITEM_TYPES),
-        IntField("section_id", 0),
-        FieldLenField("idstr_len", None, length_of="idstr", fmt="B"),
-        StrLenField("idstr", b"", length_from=lambda p: p.idstr_len),
-        IntField("instance_id", 0),
-        IntField("version_id", 0),
+        IntField(reg.SECTION_ID.key, 0),
+        FieldLenField("idstr_len", None, length_of=reg.SECTION_IDSTR.key, fmt="B"),
+        StrLenField(reg.SECTION_IDSTR.key, b"", length_from=lambda p: p.idstr_len),
+        IntField(reg.SECTION_INSTANCE.key, 0),
+        IntField(reg.SECTION_VERSION.key, 0),
     ]
 
     def guess_payload_class(self, payload: bytes) -> type:
@@ -155,7 +163,7 @@ class QemuConfiguration(_Item):
     fields_desc = [
         ByteEnumField("type", g.ItemType.CONFIGURATION, ITEM_TYPES),
         FieldLenField("length", None, length_of="machine_type", fmt="I"),
-        StrLenField("machine_type", b"", length_from=lambda p: p.length),
+        StrLenField(reg.MACHINE_TYPE.key, b"", length_from=lambda p: p.length),
     ]
 
     def mysummary(self) -> str:
@@ -177,7 +185,7 @@ class QemuCommand(_Item):
     name = "QEMU command"
     fields_desc = [
         ByteEnumField("type", g.ItemType.COMMAND, ITEM_TYPES),
-        ShortEnumField("command", g.Command.PING, COMMANDS),
+        ShortEnumField("command", g.Command.PING, COMMANDS),  # the registry's command_number
         FieldLenField("length", None, length_of="data", fmt="H"),
         StrLenField("data", b"", length_from=lambda p: p.length),
     ]
@@ -208,8 +216,12 @@ def _has(flag: int) -> Any:
     return lambda pkt: bool(effective_flags(pkt) & flag)
 
 
-def _bits(pkt: Packet) -> bool:
-    return record_kind(pkt) == "bits"
+def _kind_is(kind: g.RecordKind) -> Callable[[Packet], bool]:
+    return lambda pkt: g.record_kind(effective_flags(pkt)) == kind
+
+
+_bits = _kind_is(g.RecordKind.BITS)
+_start = _kind_is(g.RecordKind.START)
 
 
 def _bits_buffer(pkt: Packet) -> bool:
@@ -223,28 +235,30 @@ class DirtyBitmapRecord(Packet):
     fields_desc = [
         FlagsField("flags", 0, 8, BITMAP_FLAG_NAMES),
         ConditionalField(FlagsField("flags2", 0, 8, BITMAP_FLAG_NAMES),
-                         lambda p: int(p.flags) & g.BitmapFlag.EXTRA_FLAGS),
+                         lambda p: bool(int(p.flags) & g.BitmapFlag.EXTRA_FLAGS)),
         ConditionalField(ShortField("flags_tail", 0),
-                         lambda p: int(p.flags) & g.BitmapFlag.EXTRA_FLAGS
-                         and int(p.flags2) & g.BitmapFlag.EXTRA_FLAGS),
+                         lambda p: bool(int(p.flags) & g.BitmapFlag.EXTRA_FLAGS
+                                        and int(p.flags2) & g.BitmapFlag.EXTRA_FLAGS)),
         ConditionalField(FieldLenField("device_name_len", None, length_of="device_name",
                                        fmt="B"), _has(g.BitmapFlag.DEVICE_NAME)),
-        ConditionalField(StrLenField("device_name", b"",
+        ConditionalField(StrLenField(reg.BITMAP_NODE.key, b"",
                                      length_from=lambda p: p.device_name_len),
                          _has(g.BitmapFlag.DEVICE_NAME)),
         ConditionalField(FieldLenField("bitmap_name_len", None, length_of="bitmap_name",
                                        fmt="B"), _has(g.BitmapFlag.BITMAP_NAME)),
-        ConditionalField(StrLenField("bitmap_name", b"",
+        ConditionalField(StrLenField(reg.BITMAP_NAME.key, b"",
                                      length_from=lambda p: p.bitmap_name_len),
                          _has(g.BitmapFlag.BITMAP_NAME)),
-        ConditionalField(IntField("granularity", 65536), lambda p: record_kind(p) == "start"),
-        ConditionalField(FlagsField("bitmap_flags", 0, 8, BITMAP_START_FLAG_NAMES),
-                         lambda p: record_kind(p) == "start"),
-        ConditionalField(LongField("first_sector", 0), _bits),
-        ConditionalField(IntField("sector_count", 0), _bits),
-        ConditionalField(FieldLenField("buffer_size", None, length_of="buffer", fmt="Q"),
+        ConditionalField(IntField(reg.BITMAP_GRANULARITY.key, 65536), _start),
+        ConditionalField(FlagsField(reg.BITMAP_START_FLAGS.key, 0, 8, BITMAP_START_FLAG_NAMES),
+                         _start),
+        ConditionalField(LongField(reg.BITMAP_START_SECTOR.key, 0), _bits),
+        ConditionalField(IntField(reg.BITMAP_NR_SECTORS.key, 0), _bits),
+        ConditionalField(FieldLenField(reg.BITMAP_BUFFER_SIZE.key, None,
+                                       length_of=reg.BITMAP_BUFFER.key, fmt="Q"),
                          _bits_buffer),
-        ConditionalField(StrLenField("buffer", b"", length_from=lambda p: p.buffer_size),
+        ConditionalField(StrLenField(reg.BITMAP_BUFFER.key, b"",
+                                     length_from=lambda p: p.buffer_size),
                          _bits_buffer),
     ]
 

@@ -185,3 +185,26 @@ def test_scapy_users_see_bitmap_records_in_a_real_capture(tmp_path: Path) -> Non
         names.add(record.bitmap_name.decode())
         record = record.payload
     assert names == {b["name"] for b in truth["bitmaps"]}
+
+
+def test_field_names_and_values_are_the_registrys() -> None:
+    from migshark.dissectors import registry as reg
+    from migshark.dissectors.scapy_layer import (
+        BITMAP_FLAG_NAMES,
+        BITMAP_START_FLAG_NAMES,
+        COMMANDS,
+        ITEM_TYPES,
+        DirtyBitmapRecord,
+    )
+    # Length prefixes and the flags' extension bytes are scapy's own; every other field
+    # of a record is a registry key of the bitmap kinds.
+    own = {"flags2", "flags_tail", "device_name_len", "bitmap_name_len"}
+    names = {f.name for f in DirtyBitmapRecord.fields_desc} - own
+    bitmap_keys = {f.key for f in reg.Kind.BITMAP_BITS.info.fields}
+    assert names <= bitmap_keys and "granularity" in names
+    assert ITEM_TYPES == reg.FIELDS["item"].values
+    assert COMMANDS == reg.FIELDS["command"].values
+    for index, name in enumerate(BITMAP_FLAG_NAMES):
+        assert (reg.FIELDS["bitmap.flags"].bit_names or {}).get(1 << index) == name
+    assert BITMAP_START_FLAG_NAMES[:3] == ["enabled", "persistent", "autoload"]
+    assert BITMAP_START_FLAG_NAMES[3] == "reserved3"

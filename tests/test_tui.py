@@ -17,9 +17,10 @@ from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_
 from migshark.analyzer.bitmaps import BitmapTracker
 from migshark.analyzer.cli import build_parser, format_event_line
 from migshark.analyzer.records import Finding, Record, Severity
+from migshark.dissectors.registry import describe, field_value
 from migshark.tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from migshark.tui.demo import build_demo_stream, write_demo_stream
-from migshark.tui.fields import field_ranges, rebuild_bytes
+from migshark.tui.fields import rebuild_bytes
 from migshark.tui.model import Batch, Batcher, Deliver, Store, snapshot_tracker
 from migshark.tui.widgets import DiskMap, HexView, RecordList
 
@@ -125,15 +126,21 @@ def test_detail_tree_gives_byte_ranges_and_hex_highlights_the_field(demo: Path) 
         assert hex_view.data == demo_bytes[record.offset:record.end]
         tree = app.main.query_one("#detail", Tree)
         labels = {str(node.label).split(":")[0]: node for node in tree.root.children[1].children}
-        assert {"flags", "device_name", "bitmap_name", "first_sector", "sector_count",
-                "buffer_size", "buffer"} <= set(labels)
-        buffer = labels["buffer"]
+        # The registry's labels, each field once.
+        assert {"Flags", "Node", "Bitmap", "Start sector", "Sectors", "Buffer size",
+                "Buffer"} <= set(labels)
+        buffer = labels["Buffer"]
         start, length = buffer.data
-        assert start + length == record.end and length == record.fields["buffer_size"]
+        if record.spans is None:
+            # No byte ranges from the decoder: the tree says so, fields cover the record.
+            assert "(no byte ranges)" in str(tree.root.children[1].label)
+            assert (start, length) == (record.offset, record.length)
+        else:
+            assert start + length == record.end and length == record.fields["buffer_size"]
         tree.focus()
         tree.move_cursor(buffer)
         await pilot.pause()
-        assert hex_view.highlight == (start, record.end)
+        assert hex_view.highlight == (start, start + length)
         # A large RAM run: the hex pane is virtual too, 16 bytes a line.
         ram = next(i for i, r in enumerate(app.store.records) if r.kind == "ram-pages")
         assert records_list(app).select_row(ram)
@@ -145,21 +152,27 @@ def test_detail_tree_gives_byte_ranges_and_hex_highlights_the_field(demo: Path) 
     drive(MigsharkApp.for_path(demo), scenario)
 
 
-def test_field_ranges_tile_bitmap_records_and_rebuild_matches_the_wire(demo: Path) -> None:
+def test_described_fields_tile_records_and_rebuild_matches_the_wire(demo: Path) -> None:
     records, _, _ = expected_records(demo)
     data = demo.read_bytes()
     checked = 0
     for record in records:
         if record.kind.startswith(("bitmap-", "section-", "footer", "file-header", "eof",
                                    "ram-mem-size", "ram-eos")):
-            placed = [f for f in field_ranges(record) if f.length != record.length
-                      or len(field_ranges(record)) == 1]
-            position = record.offset
-            for item in placed:
-                assert item.offset == position, (record.kind, item)
-                position += item.length
-            if placed:
+            views = describe(record)
+            assert all(field_value(record, v.info) == v.value for v in views
+                       if not v.generated and not v.info.bitmask and not v.name), record.kind
+            if record.spans is not None:
+                # With the decoder's spans the wire fields tile the record exactly.
+                placed = [v for v in views if v.exact and not v.info.bitmask]
+                position = record.offset
+                for view in placed:
+                    assert view.offset == position, (record.kind, view)
+                    position += view.length
                 assert position == record.end, record.kind
+            else:
+                assert all((v.offset, v.length) == (record.offset, record.length)
+                           for v in views), record.kind
             if not record.kind.startswith("ram-"):
                 assert rebuild_bytes(record) == data[record.offset:record.end], record.kind
             checked += 1
@@ -595,7 +608,11 @@ def test_names_that_look_like_markup_are_shown_as_they_are(tmp_path: Path) -> No
         await pilot.pause()
         labels = [str(n.label) for n in app.main.query_one("#detail", Tree).root.children[1]
                   .children]
-        assert f"device_name: {node}  [0x{app.store.records[row].offset + 1:x}+7]" in labels
+        record = app.store.records[row]
+        shown = f"Node: {node}"
+        if record.spans is not None:
+            shown += f"  [0x{record.offset + 1:x}+7]"
+        assert shown in labels
         assert "[red]odd.bin" in str(app.main.query_one("#status", Static).render())
         await pilot.press("e")  # incomplete-bitmap names the bitmap in its message
         assert any(name in str(leaf.label) for group in app.screen.query_one(Tree).root.children

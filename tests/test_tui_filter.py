@@ -60,6 +60,51 @@ def test_filter_matches(text: str, expected: list[RowView]) -> None:
     assert matching(text) == [r for r in ROWS if r in expected]
 
 
+PACKAGED = row("command", section=None, command="PACKAGED", command_number=7, length=4,
+               packaged_length=900)
+ADVISE = row("command", section=None, command="POSTCOPY_ADVISE", command_number=3, length=0)
+FLAGGED = row("bitmap-bits", node="drive0", bitmap="inc0", flags=0x42, zeroes=True,
+              first_sector=64, sector_count=64)
+LONE_EOS = row("bitmap-eos", flags=0x01)
+FOOTER = row("footer", section="ram", section_id=2)
+REGISTRY_ROWS = [PACKAGED, ADVISE, FLAGGED, LONE_EOS, FOOTER, START_SYNC]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("bitmap.granularity == 65536", [START_SYNC]),
+    ("qemu_mig.bitmap.granularity >= 512", [START_SYNC]),
+    ("QEMU_MIG.bitmap.start_sector == 64", [FLAGGED]),
+    ('qemu_mig.bitmap.name == "inc0"', [FLAGGED]),  # inherited from the record
+    ('bitmap.node == "drive1"', [START_SYNC]),
+    ("bitmap.flags.zeroes", [FLAGGED]),
+    ("bitmap.flags.eos", [LONE_EOS]),
+    ("bitmap.flags.eos == 0", [FLAGGED]),
+    ("bitmap.flags == 0x42", [FLAGGED]),
+    ("command == PACKAGED", [PACKAGED]),
+    ("qemu_mig.command == 3", [ADVISE]),
+    ("command contains advise", [ADVISE]),
+    ("command.packaged_length > 100", [PACKAGED]),
+    ("item == SECTION_FOOTER", [FOOTER]),
+    ("item == COMMAND", [PACKAGED, ADVISE]),
+    ("footer.id == 2", [FOOTER]),
+    ("section.id == 2", []),  # a footer's id is footer.id, not a section header's
+    ("packaged_length == 900", [PACKAGED]),  # the decoder's key as a short name
+    ("first_sector == 64", [FLAGGED]),
+])
+def test_registry_filter_names(text: str, expected: list[RowView]) -> None:
+    predicate = parse_filter(text)
+    assert predicate is not None
+    assert [r for r in REGISTRY_ROWS if predicate(r)] == [r for r in REGISTRY_ROWS
+                                                          if r in expected]
+
+
+def test_unknown_registry_names_are_errors() -> None:
+    with pytest.raises(FilterError, match="unknown field"):
+        parse_filter("qemu_mig.bitmap.nonsense == 1")
+    with pytest.raises(FilterError, match="unknown field"):
+        parse_filter("bitmap.granularityy")
+
+
 def test_empty_filter_is_no_filter() -> None:
     assert parse_filter("") is None
     assert parse_filter("   ") is None

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Tree
 
+from migshark.dissectors.registry import describe
 from migshark.tui.app import BitmapsScreen, FindingsScreen, MigsharkApp
-from migshark.tui.fields import ByteSource, field_ranges
+from migshark.tui.fields import ByteSource
 from migshark.tui.model import Batch, FileSource, Store
 from migshark.tui.widgets import DiskMap, RecordList, _resample, format_row, record_style
 from testkit.paths import CAPTURES
@@ -31,8 +32,10 @@ def test_fault_capture_through_the_data_path(capture: Path) -> None:
     assert analysis["findings"] == [] or store.findings
     raw = ByteSource(capture if capture.suffix == ".bin" else None)
     for row, record in enumerate(store.records):
-        for item in field_ranges(record):
-            assert record.offset <= item.offset <= record.end
+        for view in describe(record):
+            assert record.offset <= view.offset <= record.end
+            assert view.offset + view.length <= max(record.end, record.offset)
+            assert isinstance(view.text, str)
         data, _ = raw.record_bytes(record)
         assert len(data) <= record.length
         assert format_row(row + 1, record, store.first_time)

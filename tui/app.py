@@ -24,12 +24,14 @@ from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, ProgressBar, Static, Tree
+from textual.widgets.tree import TreeNode
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError
 from migshark.analyzer.capture import sniff_format
 from migshark.analyzer.cli import format_event_line
-from migshark.analyzer.records import Event, Finding, Severity
-from migshark.tui.fields import ByteSource, field_ranges
+from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.dissectors.registry import describe, kind_info
+from migshark.tui.fields import ByteSource
 from migshark.tui.filter import FilterError, Predicate, parse_filter
 from migshark.tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, Store
 from migshark.tui.widgets import DiskMap, HexView, RecordList, StatusLine, header_text, safe_text
@@ -64,6 +66,8 @@ HELP_TEXT = """\
   ops: == != < <= > >= contains      values: "text", 'text', 123, 0x7b, word
   fields: kind section bitmap node offset length severity code no time
           granularity first_sector sector_count zeroes buffer_size idstr ...
+          and the registry's: bitmap.granularity bitmap.flags.zeroes command ...
+          (also as qemu_mig.bitmap.name, as in Wireshark)
   bitmap == "inc0" and kind == BITS      severity >= warning
   section == ram   node == "drive0"   offset > 1000   not kind == ram-pages
 """
@@ -533,11 +537,7 @@ class MigsharkApp(App[None]):
             frame.add_leaf(f"time: {record.timestamp - self.store.first_time:.6f} s", data=whole)
         if record.bitmap:
             frame.add_leaf(f"bitmap: {record.node}/{record.bitmap}", data=whole)
-        fields = tree.root.add(f"{record.kind}", data=whole, expand=True)
-        for item in field_ranges(record):
-            label = (f"{item.name}: {item.value}  "
-                     f"[{item.offset:#x}+{item.length}]")
-            fields.add_leaf(label, data=(item.offset, item.length))
+        self._add_fields(tree, record, whole)
         attached = [f for s, f in self.store.findings
                     if s == stream and f.code != "phase"
                     and record.offset <= f.offset < max(record.end, record.offset + 1)]
@@ -549,6 +549,33 @@ class MigsharkApp(App[None]):
         tree.root.expand()
         data, origin = self.bytes.record_bytes(record)
         hex_view.show(data, record.offset, origin, (record.offset, record.end))
+
+    @staticmethod
+    def _add_fields(tree: Tree[tuple[int, int] | None], record: Record,
+                    whole: tuple[int, int]) -> None:
+        """The record's fields as the registry describes them; bit fields under their
+        flags, generated fields in brackets as Wireshark shows them."""
+        info = kind_info(record.kind)
+        title = info.label if info else record.kind
+        if record.spans is None:
+            # Until the decoder reports spans, every field shows the whole record's bytes.
+            title += " (no byte ranges)"
+        fields = tree.root.add(title, data=whole, expand=True)
+        parents: dict[str, TreeNode[tuple[int, int] | None]] = {}
+        for view in describe(record):
+            text = f"{view.label if view.name else view.info.label}: {view.text}"
+            if view.generated:
+                text = f"[{text}]"
+            elif view.exact:
+                text += f"  [{view.offset:#x}+{view.length}]"
+            span = (view.offset, view.length)
+            parent = parents.get(view.info.parent or "") if view.info.bitmask else None
+            if parent is not None:
+                parent.add_leaf(text, data=span)
+            elif view.info.bit_names is not None and record.spans is not None:
+                parents[view.info.filter_name] = fields.add(text, data=span, expand=False)
+            else:
+                fields.add_leaf(text, data=span)
 
     @on(Tree.NodeHighlighted, "#detail")
     def field_highlighted(self, event: Tree.NodeHighlighted[tuple[int, int] | None]) -> None:

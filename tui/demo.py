@@ -35,15 +35,16 @@ def _bitmap_chunks(node: str, name: str, run: int, every: int, first_named: bool
         count = min(SECTORS_PER_CHUNK, DISK_SECTORS - first)
         granules = count * g.SECTOR_SIZE // GRANULARITY
         dirty = {bit for bit in range(granules) if (bit // run) % every == 0}
-        names: dict[str, str] = {}
-        if first == 0 and first_named:
-            names = {"device_name": node, "bitmap_name": name}
+        named = first == 0 and first_named
+        device_name, bitmap_name = (node, name) if named else (None, None)
         if dirty:
             out.append(g.bitmap_record(g.BitmapFlag.BITS, first_sector=first, sector_count=count,
-                                       buffer=_bits_buffer(granules, dirty), **names))
+                                       buffer=_bits_buffer(granules, dirty),
+                                       device_name=device_name, bitmap_name=bitmap_name))
         else:
             out.append(g.bitmap_record(g.BitmapFlag.BITS | g.BitmapFlag.ZEROES,
-                                       first_sector=first, sector_count=count, **names))
+                                       first_sector=first, sector_count=count,
+                                       device_name=device_name, bitmap_name=bitmap_name))
     return out
 
 

@@ -12,6 +12,11 @@ A bare FIELD is true when the record has that field with a truthy value
 (`bitmap`, `zeroes`). Comparisons with a missing value are false, like
 Wireshark's. Examples: `bitmap == "inc0" and kind == BITS`, `severity >= warning`,
 `section == ram`, `node == "drive0"`, `offset > 1000`, `not (kind == ram-pages)`.
+
+Field names come from the field registry (dissectors.registry): its filter names
+(`bitmap.granularity`, with or without Wireshark's `qemu_mig.` prefix, and bit fields
+such as `bitmap.flags.zeroes`) and, as short names, the decoder's keys
+(`granularity`). Value strings are values: `command == PACKAGED`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from migshark.analyzer.records import Record, Severity
+from migshark.dissectors import registry
+from migshark.dissectors.registry import FieldInfo
 
 
 class FilterError(ValueError):
@@ -45,15 +52,14 @@ class RowView:
 
 Predicate = Callable[[RowView], bool]
 
-# Fields every record has, and the decoder's per-kind fields a filter may name.
+# Fields every record has (the record list's columns and the worst finding).
 BUILTIN_FIELDS = ("kind", "section", "bitmap", "node", "offset", "length", "end", "severity",
                   "no", "section_id", "depth", "time", "code")
-RECORD_FIELDS = ("idstr", "machine_type", "command", "packaged_length", "granularity",
-                 "bitmap_flags", "first_sector", "sector_count", "zeroes", "buffer_size",
-                 "pages", "zero_pages", "total_bytes", "method", "size", "devices", "addr",
-                 "block", "flags", "flags_width", "device_name", "bitmap_name", "version",
-                 "instance_id", "version_id")
-KNOWN_FIELDS = frozenset(BUILTIN_FIELDS + RECORD_FIELDS)
+# The decoder's own keys (`granularity`, `first_sector`) stay usable as short names for
+# any record that has them; the registry's filter names (`bitmap.granularity`, also
+# as `qemu_mig.bitmap.granularity`) look only at the kinds that carry the field.
+RECORD_FIELDS = tuple(sorted(registry.RECORD_KEYS - set(BUILTIN_FIELDS)))
+KNOWN_FIELDS = frozenset(BUILTIN_FIELDS + RECORD_FIELDS) | frozenset(registry.FIELDS)
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
@@ -180,9 +186,12 @@ class _Parser:
             raise FilterError(f"field name expected, not {token.text!r}", token.position)
         self.take()
         name = token.text.lower()
-        if name not in KNOWN_FIELDS:
+        info = None if name in BUILTIN_FIELDS else registry.lookup(name)
+        if info is None and name not in KNOWN_FIELDS:
             raise FilterError(f"unknown field {token.text!r}", token.position)
         if self.current.kind not in ("op", "contains"):
+            if info is not None:
+                return lambda row: bool(registry.field_value(row.record, info))
             return lambda row: bool(field_value(row, name))
         op = self.take()
         value_token = self.current
@@ -190,7 +199,43 @@ class _Parser:
             raise FilterError("value expected after " + (op.text or "operator"),
                               value_token.position)
         self.take()
+        if info is not None:
+            return _registered_comparison(info, op, value_token)
         return _comparison(name, op, value_token)
+
+
+def _registered_comparison(info: FieldInfo, op: Token, token: Token) -> Predicate:
+    """A comparison on a registry field. Its value strings work as values
+    (`command == PACKAGED`, `item == SECTION_START`); strings compare without case."""
+    wanted: Any = token.value
+    names = info.values or info.bit_names or {}
+    if isinstance(wanted, str) and names:
+        by_name = {name.lower(): number for number, name in names.items()}
+        if wanted.lower() in by_name and op.kind != "contains":
+            wanted = by_name[wanted.lower()]
+    if op.kind == "contains":
+        needle = str(wanted).lower()
+
+        def contains(row: RowView) -> bool:
+            actual = registry.field_value(row.record, info)
+            if actual is None:
+                return False
+            shown = info.value_name(actual) if info.values else actual
+            return needle in str(shown).lower()
+        return contains
+    compare = _COMPARE[op.text]
+
+    def compares(row: RowView) -> bool:
+        actual = registry.field_value(row.record, info)
+        if actual is None:
+            return False
+        if isinstance(wanted, str):
+            shown = info.value_name(actual) if info.values else actual
+            return bool(compare(str(shown).lower(), wanted.lower()))
+        if not isinstance(actual, int):
+            return False
+        return bool(compare(actual, wanted))
+    return compares
 
 
 def _comparison(name: str, op: Token, token: Token) -> Predicate:

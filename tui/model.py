@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError, MigrationStream, analyze_path
-from migshark.analyzer.bitmaps import SECTOR, BitmapTracker
+from migshark.analyzer.bitmaps import SECTOR, BitmapTracker, PagedWords
 from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.dissectors.registry import BITMAP_KINDS
 from migshark.tui.filter import Predicate, RowView
 
 MAP_CELLS = 4096
@@ -62,7 +63,7 @@ def snapshot_tracker(stream_name: str, tracker: BitmapTracker) -> list[BitmapSna
     return out
 
 
-def _disk_cells(coverage: list[list[int]], words: bytearray, granularity: int | None,
+def _disk_cells(coverage: list[list[int]], words: PagedWords, granularity: int | None,
                 end_sector: int) -> tuple[str, float]:
     if end_sector <= 0 or not granularity:
         return "", 0.0
@@ -156,7 +157,7 @@ class Batcher:
             raise Stopped
         self.streams.setdefault(id(stream), stream)
         self.pending.append((stream.name, event))
-        if not isinstance(event, Record) or event.kind.startswith("bitmap-"):
+        if not isinstance(event, Record) or event.kind in BITMAP_KINDS:
             self.bitmaps_dirty = True
         if (len(self.pending) >= (FIRST_BATCH_EVENTS if self.first else BATCH_EVENTS)
                 or time.monotonic() - self.last_flush >= BATCH_SECONDS):
@@ -247,7 +248,7 @@ class FileSource:
                 if kind == "batch":
                     deliver(payload)
                 elif kind == "done":
-                    return payload  # type: ignore[no-any-return]
+                    return payload
                 elif kind == "input-error":
                     raise InputError(payload)
                 else:

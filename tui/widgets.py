@@ -21,20 +21,21 @@ from textual.widgets import Static
 
 from migshark.analyzer.cli import record_info
 from migshark.analyzer.records import Record, Severity
+from migshark.dissectors.registry import Kind
 from migshark.tui.model import BitmapSnapshot, Store
 
 # Wireshark-like colouring: a background per family of record kinds, overridden
 # by the worst finding attached to the record.
-KIND_STYLES = {
-    "bitmap-start": Style(color="#e0f0ff", bgcolor="#1d3d5e"),
-    "bitmap-bits": Style(color="#d8ffd8", bgcolor="#1f4a22"),
-    "bitmap-complete": Style(color="#f0e0ff", bgcolor="#3f2a5e"),
-    "bitmap-eos": Style(color="#a0b0a0"),
-    "command": Style(color="#ffe9a8"),
-    "configuration": Style(color="#ffe9a8"),
-    "file-header": Style(color="#ffe9a8"),
-    "eof": Style(color="#ffe9a8", bold=True),
-    "vmdescription": Style(color="#ffe9a8"),
+KIND_STYLES: dict[str, Style] = {
+    Kind.BITMAP_START: Style(color="#e0f0ff", bgcolor="#1d3d5e"),
+    Kind.BITMAP_BITS: Style(color="#d8ffd8", bgcolor="#1f4a22"),
+    Kind.BITMAP_COMPLETE: Style(color="#f0e0ff", bgcolor="#3f2a5e"),
+    Kind.BITMAP_EOS: Style(color="#a0b0a0"),
+    Kind.COMMAND: Style(color="#ffe9a8"),
+    Kind.CONFIGURATION: Style(color="#ffe9a8"),
+    Kind.FILE_HEADER: Style(color="#ffe9a8"),
+    Kind.EOF: Style(color="#ffe9a8", bold=True),
+    Kind.VMDESCRIPTION: Style(color="#ffe9a8"),
 }
 FAMILY_STYLES = {
     "ram": Style(color="#8a8a8a"),
