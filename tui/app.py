@@ -27,8 +27,8 @@ from textual.widgets import DataTable, Footer, Input, ProgressBar, Static, Tree
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError
 from migshark.analyzer.capture import sniff_format
-from migshark.analyzer.cli import format_event_line
 from migshark.analyzer.records import Event, Finding, Severity
+from migshark.analyzer.report import format_event_line
 from migshark.tui.fields import ByteSource, field_ranges
 from migshark.tui.filter import FilterError, Predicate, parse_filter
 from migshark.tui.model import Batch, BitmapSnapshot, EventSource, FileSource, Stopped, Store
