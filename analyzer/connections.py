@@ -306,6 +306,9 @@ class CaptureConnections(ConnectionTable):
         super().__init__(options, sink, on_finding, on_end)
         self.reassembler = TcpReassembler()
         self._by_flow: dict[FlowKey, tuple[Connection, Direction]] = {}
+        # (src, sport, dst, dport) of both directions -> connections on that 4-tuple,
+        # for resets the reassembler no longer reports (see _late_reset)
+        self._by_address: dict[tuple[str, int, str, int], list[Connection]] = {}
         self._pending: dict[FlowKey, bytearray] = {}
         self._ignored: set[FlowKey] = set()
 
@@ -335,6 +338,8 @@ class CaptureConnections(ConnectionTable):
     def _open(self, flow: FlowKey) -> Connection:
         connection = self.open(str(flow), claim=self._claimed(flow), flow=flow)
         self._by_flow[flow] = (connection, FORWARD)
+        for address in (flow[:4], flow.reverse()[:4]):
+            self._by_address.setdefault(address, []).append(connection)
         return connection
 
     def _event(self, event: Any) -> None:
@@ -406,11 +411,10 @@ class CaptureConnections(ConnectionTable):
         # with a RST. The reassembler ignores a RST on a direction already closed, so no
         # StreamReset comes and the migration would wait forever for a FIN the source
         # can no longer send: end it here.
-        tuples = {(segment.src, segment.sport, segment.dst, segment.dport),
-                  (segment.dst, segment.dport, segment.src, segment.sport)}
-        for connection in self.snapshot():
+        address = (segment.src, segment.sport, segment.dst, segment.dport)
+        for connection in self._by_address.get(address, ()):
             flow = connection.flow
-            if connection.ended or flow is None or flow[:4] not in tuples:
+            if connection.ended or flow is None:
                 continue
             sender = FORWARD if segment.src == flow.src else BACKWARD
             connection.reset(sender, f"{segment.src}:{segment.sport}")

@@ -28,7 +28,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from migshark.analyzer import findings, report
 from migshark.analyzer.analysis import AnalysisOptions, MigrationStream
@@ -36,6 +36,9 @@ from migshark.analyzer.capture import parse_frame
 from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
 from migshark.analyzer.records import Event, Finding, Severity
+
+if TYPE_CHECKING:  # -w only: the writer is imported when asked for
+    from migshark.analyzer.pcapwriter import PcapngWriter
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
 SNAPLEN = 262144
@@ -51,39 +54,6 @@ ARPHRD_IPGRE = 778
 _RAW_IP_HATYPES = {ARPHRD_NONE, ARPHRD_IPGRE, 776}  # tun, gre, sit: no link header
 STATS_INTERVAL = 0.5
 DRAIN_BATCH = 1024
-
-
-class PcapngWriter:
-    """Minimal pcapng: one section, one interface, enhanced packet blocks (ns stamps)."""
-
-    def __init__(self, handle: BinaryIO, linktype: int, iface: str) -> None:
-        self.handle = handle
-        shb_body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
-        self._block(0x0A0D0D0A, shb_body)
-        name = iface.encode()
-        options = (self._option(2, name) + self._option(9, b"\x09")
-                   + struct.pack("<HH", 0, 0))
-        self._block(1, struct.pack("<HHI", linktype, 0, SNAPLEN) + options)
-
-    @staticmethod
-    def _option(code: int, value: bytes) -> bytes:
-        pad = -len(value) % 4
-        return struct.pack("<HH", code, len(value)) + value + b"\0" * pad
-
-    def _block(self, block_type: int, body: bytes) -> None:
-        length = 12 + len(body)
-        self.handle.write(struct.pack("<II", block_type, length) + body
-                          + struct.pack("<I", length))
-
-    def write(self, timestamp: float, frame: bytes) -> None:
-        ns = int(timestamp * 1_000_000_000)
-        pad = -len(frame) % 4
-        body = (struct.pack("<IIIII", 0, ns >> 32, ns & 0xFFFFFFFF, len(frame), len(frame))
-                + frame + b"\0" * pad)
-        self._block(6, body)
-
-    def close(self) -> None:
-        self.handle.close()
 
 
 class LiveCapture:
@@ -237,12 +207,14 @@ class LiveCapture:
         # counters since the socket opened are noise from before the filter applied
         self.sock.ins.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         if self.args.write:
+            from migshark.analyzer.pcapwriter import PcapngWriter
+
             try:
                 handle = open(self.args.write, "wb")  # noqa: SIM115 - closed in run()
             except OSError as error:
                 self.sock.close()
                 return f"cannot write {self.args.write}: {error.strerror or error}"
-            self.writer = PcapngWriter(handle, self.linktype, self.args.iface)
+            self.writer = PcapngWriter(handle, self.linktype, self.args.iface, SNAPLEN)
         self.bpf = bpf
         return None
 
@@ -291,4 +263,4 @@ def run_live(args: argparse.Namespace) -> int:
     return capture.run()
 
 
-__all__ = ["LiveCapture", "PcapngWriter", "run_live"]
+__all__ = ["LiveCapture", "run_live"]

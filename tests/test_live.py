@@ -19,7 +19,7 @@ from migshark.analyzer import cli
 from migshark.analyzer.analysis import AnalysisOptions, CaptureDemux, analyze_path
 from migshark.analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
 from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
-from migshark.analyzer.live import PcapngWriter
+from migshark.analyzer.pcapwriter import PcapngWriter
 from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g

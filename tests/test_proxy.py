@@ -68,7 +68,8 @@ def test_connection_labels_multifd_and_decodes_return_path() -> None:
     assert result["return_path"]["bytes"] == len(build_message(ReturnPathMessage.SHUT, b"1234"))
     assert "return-path-error" in [f["code"] for f in result["findings"]]
     assert table.streams == [main.stream]
-    assert table.worst_severity() is not None and table.worst_severity().label == "error"
+    worst = table.worst_severity()
+    assert worst is not None and worst.label == "error"
 
 
 def test_connection_claimed_or_not_and_reset_by_either_side() -> None:
