@@ -107,6 +107,7 @@ class Connection:
         self.forward_bytes = 0
         self.backward_bytes = 0
         self.reset_by: str | None = None
+        self.closed: set[Direction] = set()  # directions whose sender finished (FIN)
         self.notes: list[Finding] = []
         self.ended = False
         self._reset_from: str | None = None
@@ -157,6 +158,10 @@ class Connection:
         self.reset_by = direction.sender
         self._reset_from = peer
         self._note_reset()
+
+    def close(self, direction: Direction) -> None:
+        """The sender of `direction` finished sending (a FIN, a clean end of file)."""
+        self.closed.add(direction)
 
     def end(self) -> None:
         """Both directions are over (or given up): finish decoding, once."""
@@ -359,8 +364,11 @@ class CaptureConnections(ConnectionTable):
                 entry[0].end()
         elif isinstance(event, StreamClosed):
             entry = self._by_flow.get(flow)
-            if entry is not None and entry[1] is FORWARD:
-                entry[0].end()
+            if entry is not None:
+                entry[0].close(entry[1])
+                if entry[1] is FORWARD:
+                    # the source is done: what the destination still says is not awaited
+                    entry[0].end()
 
     def _data(self, flow: FlowKey, event: StreamData) -> None:
         entry = self._by_flow.get(flow)

@@ -245,15 +245,19 @@ class ProxiedConnection:
     def _analyse(self) -> None:
         ended = 0
         broken = False
+        reset: set[Direction] = set()
         while ended < 2:
             direction, chunk, timestamp = self.queue.get()
             if chunk is None:
                 ended += 1
+                if direction not in reset:
+                    self.analysis.close(direction)
                 continue
             if broken:
                 continue
             try:
                 if not chunk:
+                    reset.add(direction)
                     self.analysis.reset(direction)
                 else:
                     self.analysis.data(direction, chunk, timestamp)

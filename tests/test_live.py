@@ -18,7 +18,12 @@ import pytest
 from migshark.analyzer import cli
 from migshark.analyzer.analysis import AnalysisOptions, CaptureDemux, analyze_path
 from migshark.analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
-from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
+from migshark.analyzer.connections import (
+    FORWARD,
+    CaptureConnections,
+    Connection,
+    ConnectionKind,
+)
 from migshark.analyzer.pcapwriter import PcapngWriter
 from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
@@ -90,6 +95,7 @@ def test_tracker_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
     for segment in [multifd.seg(True, flags=FIN | ACK)]:
         tracker.segment(segment)
     assert ended[1:] == channels and channels[0].result("live:lo", "live") is None
+    assert channels[0].closed == {FORWARD} and migration.closed == set()
 
 
 def test_tracker_ignores_other_traffic_and_claims_by_port_mid_stream() -> None:
