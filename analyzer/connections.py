@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from migshark.analyzer import findings
 from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, EventSink, MigrationStream
@@ -75,10 +75,20 @@ def classify(head: bytes | bytearray) -> ConnectionKind | None:
     return ConnectionKind.UNKNOWN
 
 
-# A connection without a migration stream (a multifd channel) has findings too, but no
-# MigrationStream to hand an EventSink: they come here, with the connection.
-ConnectionFindingSink = Callable[["Connection", Finding], None]
-ConnectionEndSink = Callable[["Connection"], None]
+class ConnectionFindingSink(Protocol):
+    """Receives the findings about a connection itself, such as the multifd label.
+
+    Events of a migration stream go to an EventSink, which is always given the
+    stream; a connection without one (a multifd channel) has findings too, and no
+    stream to name: they come here, with the connection."""
+
+    def __call__(self, connection: Connection, finding: Finding, /) -> None: ...
+
+
+class ConnectionEndSink(Protocol):
+    """Told once per connection, after it ended and its stream (if any) finished."""
+
+    def __call__(self, connection: Connection, /) -> None: ...
 
 
 class Connection:
