@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from tests import synthetic
 from tests.conftest import REPO_ROOT
@@ -75,7 +76,7 @@ def test_dump_lines_and_verbose(tmp_path):
 
 # --- analyzer.report: the renderings the CLI, live, proxy and the TUI share ---------
 
-def test_render_json_is_what_analyze_json_prints(tmp_path):
+def test_render_json_is_what_analyze_json_prints(tmp_path: Path) -> None:
     from migshark.analyzer.analysis import AnalysisOptions, analyze_path
     from migshark.analyzer.report import format_summary, render_json
 
@@ -86,7 +87,7 @@ def test_render_json_is_what_analyze_json_prints(tmp_path):
     assert run_cli("analyze", str(path)).stdout == format_summary(result)
 
 
-def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path):
+def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path: Path) -> None:
     import io
 
     from migshark.analyzer.analysis import AnalysisOptions, analyze_path
@@ -118,7 +119,7 @@ def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path):
     assert not any("capture-truncated" in line for line in found[:-1])
 
 
-def test_connection_reports_read_the_same_for_live_and_proxy():
+def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
     from migshark.analyzer.analysis import AnalysisOptions
     from migshark.analyzer.connections import BACKWARD, FORWARD, MULTIFD_MAGIC_BYTES, Connection
     from migshark.analyzer.report import format_connection_closed, format_connection_report

@@ -353,7 +353,7 @@ def test_kernel_drops_become_findings_on_open_migrations() -> None:
     conn = _Conn(40000, 4444)
     for segment in conn.handshake() + [conn.seg(True, precopy_stream()[:500], PSH | ACK)]:
         capture.tracker.segment(segment)
-    capture.sock = SimpleNamespace(ins=PacketSocket())
+    capture.sock = SimpleNamespace(ins=PacketSocket())  # type: ignore[assignment]  # stand-in
     capture._poll_drops()
     drops = [f for f in capture.tracker.streams[0].findings if f.code == "kernel-drops"]
     assert len(drops) == 1 and drops[0].severity.label == "error"
