@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from migshark.analyzer.records import Event, Finding, Record
 
 if TYPE_CHECKING:
-    from migshark.analyzer.connections import Connection
-
     from migshark.analyzer.analysis import AnalysisResult, MigrationStream
+    from migshark.analyzer.connections import Connection
 
 # The fields a one-line record summary shows, in this order: enough to follow a stream
 # by eye; -V shows the rest.
