@@ -292,3 +292,56 @@ def test_proxy_ctrl_c_reports_the_open_connection() -> None:
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is False
     assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
+
+
+def test_proxy_text_output_reports_each_connection() -> None:
+    """In-process, text mode: a multifd channel's label and close line, the migration's
+    findings as they happen and its report with the return path, all through
+    analyzer.report."""
+    import io
+    import threading
+
+    from migshark.analyzer.proxy import Output, ProxyServer
+
+    server, dest = _fake_destination()
+    out = io.StringIO()
+    proxy = ProxyServer(parse_address("tcp:127.0.0.1:0"), parse_address(dest),
+                        Output(out, as_json=False), once=False)
+    serving = threading.Thread(target=proxy.serve, daemon=True)
+    serving.start()
+    address = (proxy.bound.host, proxy.bound.port)
+    shut = build_message(ReturnPathMessage.SHUT, b"\0\0\0\0")
+    try:
+        channel = socket.create_connection(address, timeout=10)
+        channel_peer, _ = server.accept()
+        channel.sendall(MULTIFD_MAGIC_BYTES + bytes(1000))
+        channel.shutdown(socket.SHUT_WR)
+        assert len(_read_all(channel_peer)) == 1004
+        channel_peer.close()
+        channel.close()
+        client = socket.create_connection(address, timeout=10)
+        peer, _ = server.accept()
+        peer.settimeout(10)
+        client.sendall(precopy_stream()[:-300])  # cut: the migration ends with an error
+        client.shutdown(socket.SHUT_WR)
+        _read_all(peer)
+        peer.sendall(shut)
+        peer.close()
+        _read_all(client)
+        client.close()
+        assert proxy.connections[1].done.wait(15), "the migration's report never came"
+        proxy.interrupted.set()
+        serving.join(15)
+    finally:
+        proxy.interrupted.set()
+        server.close()
+    assert not serving.is_alive()
+    text = out.getvalue()
+    assert "multifd channel, pages not decoded" in text
+    assert "connection 1 (" in text and "multifd channel closed, 1,004 bytes forwarded" in text
+    assert "connection 2 (" in text and "[error] truncated:" in text
+    assert "\nMigration stream connection 2 (" in text
+    assert f"  return path  : {len(shut)} bytes; messages: SHUT x1" in text
+    assert proxy.table.worst_severity() is not None
+    assert [c.kind for c in proxy.table.connections] == [ConnectionKind.MULTIFD,
+                                                         ConnectionKind.MIGRATION]
