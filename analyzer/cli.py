@@ -13,13 +13,12 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-# records is small and format_event_line (a per-event loop in dump and the TUI)
-# needs Finding; everything heavier is imported by the handler that uses it, so that
+# records is small; everything heavier is imported by the handler that uses it, so that
 # `analyze` never loads the encoder or sockets and `--help` stays cheap.
-from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.records import Severity
 
 if TYPE_CHECKING:
-    from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, MigrationStream
+    from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -36,6 +35,7 @@ def run() -> NoReturn:
         # run, and what they made is kept out of every later one (freeze).
         gc.disable()
         import migshark.analyzer.analysis  # noqa: F401 - the handler's heavy imports, done here
+        import migshark.analyzer.report  # noqa: F401
 
         gc.freeze()
         gc.enable()
@@ -247,9 +247,8 @@ def exit_code(result: AnalysisResult) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    import json
-
     from migshark.analyzer.analysis import analyze_path
+    from migshark.analyzer.report import format_summary, render_json
 
     exporter = None
     if args.export_scenario:
@@ -262,7 +261,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print("migshark: no migration stream to export a scenario from", file=sys.stderr)
     if args.json:
         # One write: json.dump() writes each token, one syscall each when unbuffered.
-        sys.stdout.write(json.dumps(result.as_json(), indent=2) + "\n")
+        sys.stdout.write(render_json(result))
     else:
         sys.stdout.write(format_summary(result))
     return exit_code(result)
@@ -270,126 +269,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from migshark.analyzer.analysis import analyze_path
+    from migshark.analyzer.report import DumpPrinter
 
-    out = sys.stdout
-    numbers = {"n": 0}
-
-    def sink(stream: MigrationStream, event: Event) -> None:
-        numbers["n"] += 1
-        out.write(format_event_line(numbers["n"], event) + "\n")
-        if args.verbose and isinstance(event, Record):
-            for line in format_record_detail(event):
-                out.write("    " + line + "\n")
-
+    printer = DumpPrinter(sys.stdout, args.verbose)
     result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
-                                              keep_buffers=True), sink)
-    for finding in result.input_findings:
-        out.write(format_event_line(0, finding) + "\n")
+                                              keep_buffers=True), printer)
+    printer.input_findings(result)
     return exit_code(result)
-
-
-# --- text formatting (also used by the TUI's text export) ----------------------
-
-_KEY_FIELDS = ("idstr", "section_id", "machine_type", "command", "packaged_length",
-               "granularity", "bitmap_flags", "first_sector", "sector_count", "zeroes",
-               "buffer_size", "pages", "zero_pages", "total_bytes", "method", "size",
-               "devices", "addr", "block")
-
-
-def record_info(record: Record) -> str:
-    parts = []
-    for key in _KEY_FIELDS:
-        if key in record.fields:
-            value = record.fields[key]
-            if key in ("bitmap_flags",) and isinstance(value, int):
-                value = f"{value:#04x}"
-            elif key == "addr":
-                value = f"{value:#x}"
-            parts.append(f"{key}={value}")
-    if "flag_names" in record.fields and record.fields.get("flags_width", 1) > 1:
-        parts.append(f"flags_width={record.fields['flags_width']}")
-    return " ".join(parts)
-
-
-def format_event_line(number: int, event: Event) -> str:
-    if isinstance(event, Finding):
-        return (f"{'':>6} {event.offset:>12}  [{event.severity.label}] {event.code}: "
-                f"{event.message}")
-    bitmap = f"{event.node}/{event.bitmap}" if event.bitmap else "-"
-    indent = "  " if event.depth else ""
-    return (f"{number:>6} {event.offset:>12}  {event.section or '-':<14} "
-            f"{indent}{event.kind:<16} {bitmap:<24} {record_info(event)}").rstrip()
-
-
-def format_record_detail(record: Record) -> list[str]:
-    lines = [f"offset: {record.offset} ({record.offset:#x}), length: {record.length}",
-             f"section: {record.section} (id {record.section_id})"]
-    if record.bitmap:
-        lines.append(f"bitmap: node={record.node} name={record.bitmap}")
-    for key, value in record.fields.items():
-        if isinstance(value, bytes):
-            shown = value[:32].hex() + ("..." if len(value) > 32 else "")
-            value = f"{len(value)} bytes: {shown}"
-        lines.append(f"{key}: {value}")
-    return lines
-
-
-def format_summary(result: AnalysisResult) -> str:
-    out: list[str] = [f"migshark: {result.path} ({result.input_format})"]
-    for finding in result.input_findings:
-        out.append(f"  [{finding.severity.label}] {finding.code}: {finding.message}")
-    for migration in result.migrations:
-        out += _format_migration(migration.result())
-    out.append("")
-    return "\n".join(out)
-
-
-def _format_migration(summary: dict[str, Any]) -> list[str]:
-    out = [f"\nMigration stream {summary['stream']}"]
-    out.append(f"  machine type : {summary['machine_type'] or 'unknown'}")
-    out.append(f"  phases       : {', '.join(summary['phases']) or 'none seen'}")
-    ended = "ends with EOF" if summary["complete"] else "no EOF"
-    out.append(f"  stream       : {summary['stream_bytes']:,} bytes, {ended}, "
-               f"{summary['ram_iterations']} RAM iteration(s)")
-    out.append("  sections     :")
-    # Device sections are many and small; list them as one line (JSON keeps each).
-    main_sections = ("ram", "dirty-bitmap", "(framing)")
-    devices = {k: v for k, v in summary["sections"].items() if k not in main_sections}
-    for name in main_sections:
-        if name in summary["sections"]:
-            out.append(f"    {name:<28} {summary['sections'][name]:>14,} bytes")
-    if devices:
-        label = f"device state ({len(devices)} sections)"
-        out.append(f"    {label:<28} {sum(devices.values()):>14,} bytes")
-    out.append(f"  bitmaps ({len(summary['bitmaps'])}):")
-    if summary["bitmaps"]:
-        out.append(f"    {'node/name':<28} {'granularity':>11} {'flags':<6} {'disk size':>14} "
-                   f"{'dirty bytes':>14}  {'status':<13} sha256")
-    for bitmap in summary["bitmaps"]:
-        flags = ("E" if bitmap["enabled"] else "-") + ("P" if bitmap["persistent"] else "-")
-        label = f"{bitmap['node']}/{bitmap['name']}"
-        if (bitmap["real_node"], bitmap["real_name"]) != (bitmap["node"], bitmap["name"]):
-            label += f" (= {bitmap['real_node']}/{bitmap['real_name']})"
-        out.append(
-            f"    {label:<28} {bitmap['granularity'] or '?':>11} {flags:<6} "
-            f"{_num(bitmap['disk_size']):>14} {_num(bitmap['dirty_bytes']):>14}  "
-            f"{bitmap['status']:<13} {bitmap['sha256'] or '(' + str(bitmap['reason']) + ')'}")
-    shown = [f for f in summary["findings"] if f["code"] != "phase"]
-    for severity in ("error", "warning", "note"):
-        group = [f for f in shown if f["severity"] == severity]
-        if not group:
-            continue
-        out.append(f"  {severity}s ({len(group)}):")
-        for finding in group:
-            where = f"{finding['offset']:#010x}"
-            out.append(f"    {where}  {finding['code']:<22} {finding['message']}")
-    if not shown:
-        out.append("  findings     : none")
-    return out
-
-
-def _num(value: int | None) -> str:
-    return "?" if value is None else f"{value:,}"
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Frames come from scapy's Linux listening socket (`conf.L2listen`, a PF_PACKET socket
 with the BPF filter attached in the kernel), but they are not dissected by scapy: each
-raw frame goes through the same path as an offline capture, `parse_frame` ->
-`CaptureDemux` (TCP reassembly, one MigrationStream per migration). The scapy layer in
+raw frame goes through `parse_frame` (as an offline capture does) and then the
+connection tracker, `analyzer.connections.CaptureConnections` (TCP reassembly, which
+flow is a migration, a multifd channel or its return path, resets), shared with the
+proxy. This module only captures and prints. The scapy layer in
 dissectors/scapy_layer.py is for display and building, not for this hot loop.
 
 Loopback specifics, as libpcap handles them: every frame on `lo` is seen twice by a
@@ -17,7 +19,6 @@ counters, and become a `kernel-drops` finding on every migration open at the tim
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import select
@@ -27,24 +28,21 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
-from migshark.analyzer import findings
-from migshark.analyzer.analysis import (
-    AnalysisOptions,
-    AnalysisResult,
-    CaptureDemux,
-    MigrationStream,
-)
-from migshark.analyzer.capture import RST, FlowKey, StreamData, StreamGap, StreamReset, parse_frame
+from migshark.analyzer import findings, report
+from migshark.analyzer.analysis import AnalysisOptions, MigrationStream
+from migshark.analyzer.capture import parse_frame
 from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
-from migshark.analyzer.records import Event, Finding, Record, Severity
-from migshark.analyzer.returnpath import ReturnPathDecoder
+from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
+from migshark.analyzer.records import Event, Finding, Severity
+
+if TYPE_CHECKING:  # -w only: the writer is imported when asked for
+    from migshark.analyzer.pcapwriter import PcapngWriter
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
 SNAPLEN = 262144
 RCVBUF = 256 << 20
-MULTIFD_MAGIC_BYTES = (0x11223344).to_bytes(4, "big")
 
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
@@ -56,109 +54,6 @@ ARPHRD_IPGRE = 778
 _RAW_IP_HATYPES = {ARPHRD_NONE, ARPHRD_IPGRE, 776}  # tun, gre, sit: no link header
 STATS_INTERVAL = 0.5
 DRAIN_BATCH = 1024
-
-
-class PcapngWriter:
-    """Minimal pcapng: one section, one interface, enhanced packet blocks (ns stamps)."""
-
-    def __init__(self, handle: BinaryIO, linktype: int, iface: str) -> None:
-        self.handle = handle
-        shb_body = struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)
-        self._block(0x0A0D0D0A, shb_body)
-        name = iface.encode()
-        options = (self._option(2, name) + self._option(9, b"\x09")
-                   + struct.pack("<HH", 0, 0))
-        self._block(1, struct.pack("<HHI", linktype, 0, SNAPLEN) + options)
-
-    @staticmethod
-    def _option(code: int, value: bytes) -> bytes:
-        pad = -len(value) % 4
-        return struct.pack("<HH", code, len(value)) + value + b"\0" * pad
-
-    def _block(self, block_type: int, body: bytes) -> None:
-        length = 12 + len(body)
-        self.handle.write(struct.pack("<II", block_type, length) + body
-                          + struct.pack("<I", length))
-
-    def write(self, timestamp: float, frame: bytes) -> None:
-        ns = int(timestamp * 1_000_000_000)
-        pad = -len(frame) % 4
-        body = (struct.pack("<IIIII", 0, ns >> 32, ns & 0xFFFFFFFF, len(frame), len(frame))
-                + frame + b"\0" * pad)
-        self._block(6, body)
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-class LiveDemux(CaptureDemux):
-    """CaptureDemux plus what a live view needs: the return path of each migration is
-    decoded, multifd channels are labelled instead of being taken for migrations, and a
-    reset from either side ends the migration at once (no FIN will follow a RST)."""
-
-    def __init__(self, options: AnalysisOptions, sink: Any = None) -> None:
-        super().__init__(options, sink)
-        self.return_paths: dict[FlowKey, ReturnPathDecoder] = {}
-        self.multifd: set[FlowKey] = set()
-
-    def _event(self, event: Any) -> None:
-        flow = event.flow
-        forward = self._by_flow.get(flow.reverse())
-        if forward is not None and flow not in self._by_flow:
-            if isinstance(event, StreamData):
-                self._return_path(forward, self.return_paths.setdefault(
-                    flow, ReturnPathDecoder()).feed(event.data, event.timestamp))
-                return
-            if isinstance(event, StreamGap) and flow in self.return_paths:
-                self._return_path(forward, self.return_paths[flow].gap(
-                    event.length, event.timestamp))
-                return
-        if (isinstance(event, StreamData) and flow not in self._by_flow
-                and flow not in self._ignored):
-            head = bytes(self._pending.get(flow, b"")) + bytes(event.data[:4])
-            if len(head) >= 4 and head[:4] == MULTIFD_MAGIC_BYTES:
-                self._pending.pop(flow, None)
-                self._ignored.add(flow)
-                self.multifd.add(flow)
-                if self.sink is not None:
-                    self.sink(None, findings.make(
-                        "multifd-channel", f"{flow}: multifd channel, pages not decoded", 0))
-                return
-        super()._event(event)
-        if isinstance(event, StreamReset) and forward is not None and not forward.closed:
-            self._end(forward)
-
-    def segment(self, segment: Any) -> None:
-        super().segment(segment)
-        if not segment.flags & RST:
-            return
-        # A destination that closed (FIN) and then died answers the source's next bytes
-        # with a RST. The reassembler ignores a RST on a direction already closed, so no
-        # StreamReset comes and the migration would wait forever for a FIN the source
-        # can no longer send: end it here.
-        tuples = {(segment.src, segment.sport, segment.dst, segment.dport),
-                  (segment.dst, segment.dport, segment.src, segment.sport)}
-        for flow, stream in list(self._by_flow.items()):
-            if stream.closed or flow[:4] not in tuples:
-                continue
-            if "peer-reset" not in {f.code for f in stream.findings}:
-                side = "destination" if flow.src != segment.src else "source"
-                stream.add_finding(findings.make(
-                    "peer-reset", f"TCP RST from the {side} ({segment.src}:{segment.sport}) "
-                    f"after {stream.decoder.offset} stream bytes", stream.decoder.offset))
-            self._end(stream)
-
-    def _return_path(self, stream: MigrationStream, events: list[Event]) -> None:
-        for event in events:
-            if isinstance(event, Finding):
-                stream.add_finding(event)
-            elif self.sink is not None:
-                self.sink(stream, event)
-
-    def return_path_for(self, stream: MigrationStream) -> ReturnPathDecoder | None:
-        if stream.flow is None:
-            return None
-        return self.return_paths.get(stream.flow.reverse())
 
 
 class LiveCapture:
@@ -173,9 +68,9 @@ class LiveCapture:
         self.drops_total = 0
         self.packets_total = 0
         self.writer: PcapngWriter | None = None
-        self.demux = LiveDemux(AnalysisOptions(port=args.port, keep_buffers=False),
-                               self._sink)
-        self.demux.on_stream_end = self._stream_ended
+        self.tracker = CaptureConnections(AnalysisOptions(port=args.port, keep_buffers=False),
+                                        self._sink, self._connection_finding,
+                                        self._connection_ended)
         self.stop = False
         # Ctrl-C and SIGTERM only set this, checked between batches: an exception
         # raised in the middle of reassembly would leave its state half-updated.
@@ -190,44 +85,37 @@ class LiveCapture:
 
     # --- output -------------------------------------------------------------
 
-    def _sink(self, stream: MigrationStream | None, event: Event) -> None:
+    def _sink(self, stream: MigrationStream, event: Event) -> None:
+        self._print(stream.name if len(self.tracker.streams) > 1 else None, event)
+
+    def _connection_finding(self, connection: Connection, finding: Finding) -> None:
+        self._print(None, finding)  # the message names the connection
+
+    def _print(self, prefix: str | None, event: Event) -> None:
         if self.args.json:
             return
         self.numbers += 1
-        from migshark.analyzer.cli import format_event_line
-
-        prefix = f"[{stream.name}] " if stream is not None and self._several() else ""
-        self.out.write(prefix + format_event_line(self.numbers, event) + "\n")
+        line = report.format_event_line(self.numbers, event)
+        self.out.write(f"[{prefix}] {line}\n" if prefix else line + "\n")
         self.out.flush()
 
-    def _several(self) -> bool:
-        return len(self.demux.streams) > 1
-
-    def _stream_ended(self, stream: MigrationStream) -> None:
+    def _connection_ended(self, connection: Connection) -> None:
+        if connection.stream is None:
+            return  # a multifd channel: its label was printed when it was recognised
         self._poll_drops()
-        return_path = self.demux.return_path_for(stream)
-        if return_path is not None:
-            self.demux._return_path(stream, return_path.finish())
         self.finished += 1
-        worst = max((f.severity for f in stream.findings), default=None)
+        worst = connection.worst_severity()
         if worst is not None:
             self.worst = max(self.worst or worst, worst)
-        summary = AnalysisResult(f"live:{self.args.iface}", "live", [stream]).as_json()
-        summary["return_path"] = {
-            "messages": dict(sorted(return_path.messages.items())) if return_path else {},
-            "shut_code": return_path.shut_code if return_path else None,
-        }
-        summary["kernel"] = {"packets": self.packets_total, "drops": self.drops_total}
-        summary["multifd_channels"] = sorted(str(flow) for flow in self.demux.multifd)
         if self.args.json:
-            self.out.write(json.dumps(summary) + "\n")
+            summary = connection.result(f"live:{self.args.iface}", "live")
+            assert summary is not None
+            summary["kernel"] = {"packets": self.packets_total, "drops": self.drops_total}
+            summary["multifd_channels"] = sorted(
+                str(c.flow) for c in self.tracker.of_kind(ConnectionKind.MULTIFD))
+            self.out.write(report.json_line(summary) + "\n")
         else:
-            from migshark.analyzer.cli import _format_migration
-
-            self.out.write("\n".join(_format_migration(stream.result())) + "\n")
-            messages = summary["return_path"]["messages"]
-            shown = ", ".join(f"{k} x{v}" for k, v in messages.items()) or "none"
-            self.out.write(f"  return path  : {shown}\n")
+            self.out.write(report.format_connection_report(connection) + "\n")
         self.out.flush()
         if self.args.once:
             self.stop = True
@@ -249,11 +137,11 @@ class LiveCapture:
         self.drops_total += drops
         message = (f"the kernel dropped {drops} packets ({self.drops_total} in total) before "
                    "migshark read them; expect capture gaps")
-        open_streams = [s for s in self.demux.streams if not s.closed]
+        open_streams = [s for s in self.tracker.streams if not s.closed]
         for stream in open_streams:
             stream.add_finding(findings.make("kernel-drops", message, stream.decoder.offset))
         if not open_streams:
-            self._sink(None, findings.make("kernel-drops", message, 0))
+            self._print(None, findings.make("kernel-drops", message, 0))
 
     # --- the loop -----------------------------------------------------------
 
@@ -264,7 +152,7 @@ class LiveCapture:
         drop statistics during a long burst."""
         ins = self.sock.ins
         recv = self.sock._recv_raw  # scapy's recvmsg with timestamps and VLAN aux data
-        segment = self.demux.segment
+        segment = self.tracker.segment
         linktype = self.linktype
         writer = self.writer
         skip_outgoing = self.loopback
@@ -319,12 +207,14 @@ class LiveCapture:
         # counters since the socket opened are noise from before the filter applied
         self.sock.ins.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         if self.args.write:
+            from migshark.analyzer.pcapwriter import PcapngWriter
+
             try:
                 handle = open(self.args.write, "wb")  # noqa: SIM115 - closed in run()
             except OSError as error:
                 self.sock.close()
                 return f"cannot write {self.args.write}: {error.strerror or error}"
-            self.writer = PcapngWriter(handle, self.linktype, self.args.iface)
+            self.writer = PcapngWriter(handle, self.linktype, self.args.iface, SNAPLEN)
         self.bpf = bpf
         return None
 
@@ -350,7 +240,7 @@ class LiveCapture:
             self._poll_drops()
             if not self.stop:
                 # interrupted: report what was still in flight, marked incomplete
-                self.demux.finish()
+                self.tracker.finish()
             self.sock.close()
             if self.writer is not None:
                 self.writer.close()
@@ -373,4 +263,4 @@ def run_live(args: argparse.Namespace) -> int:
     return capture.run()
 
 
-__all__ = ["LiveCapture", "LiveDemux", "PcapngWriter", "Record", "run_live"]
+__all__ = ["LiveCapture", "run_live"]

@@ -1,4 +1,5 @@
-"""Write a migration stream as a TCP conversation in a pcap or pcapng file.
+"""Write a migration stream as a TCP conversation in a pcap or pcapng file, and
+write captured frames as pcapng (`PcapngWriter`, for `migshark live -w`).
 
 The conversation is what a loopback capture of a real migration holds: a
 three-way handshake, the stream in MSS-sized segments from the source, ACKs from
@@ -19,7 +20,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from migshark.analyzer.scenario import Fault, ScenarioError, TransportSpec
 
@@ -223,6 +224,32 @@ def _pcapng_header() -> bytes:
     # if_tsresol defaults to microseconds; no options needed.
     idb = _block(0x00000001, struct.pack("<HHI", LINKTYPE_ETHERNET, 0, SNAPLEN))
     return shb + idb
+
+
+class PcapngWriter:
+    """Frames as they are captured: one section, one interface named after the
+    capture's, nanosecond timestamps (if_tsresol 9), enhanced packet blocks."""
+
+    def __init__(self, handle: BinaryIO, linktype: int, iface: str,
+                 snaplen: int = SNAPLEN) -> None:
+        self.handle = handle
+        handle.write(_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)))
+        options = (_option(2, iface.encode()) + _option(9, b"\x09")
+                   + struct.pack("<HH", 0, 0))
+        handle.write(_block(0x00000001, struct.pack("<HHI", linktype, 0, snaplen) + options))
+
+    def write(self, timestamp: float, frame: bytes) -> None:
+        ns = int(timestamp * 1_000_000_000)
+        body = struct.pack("<IIIII", 0, ns >> 32, ns & 0xFFFFFFFF, len(frame),
+                           len(frame)) + frame
+        self.handle.write(_block(0x00000006, body))
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
 
 
 def _pcapng_packet(timestamp: float, frame: bytes) -> bytes:

@@ -11,14 +11,14 @@ migration; it only lets the queue grow.
 Addresses are `tcp:HOST:PORT` (port 0 picks a free port, printed on stderr) or
 `unix:PATH`, the spelling QEMU's `migrate` and `-incoming` use. Every accepted
 connection is forwarded and analysed on its own, so multifd channels (extra
-connections to the same address, starting with 0x11223344) are forwarded too; they
-are labelled and their pages are not decoded.
+connections to the same address) are forwarded too; what each connection carries,
+its return path and its results are the connection tracker's
+(analyzer.connections, shared with live capture). This module only forwards.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import signal
@@ -30,18 +30,21 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from migshark.analyzer import findings
-from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, EventSink, MigrationStream
+from migshark.analyzer import report
+from migshark.analyzer.analysis import AnalysisOptions, EventSink, MigrationStream
+from migshark.analyzer.connections import (
+    BACKWARD,
+    FORWARD,
+    Connection,
+    ConnectionKind,
+    ConnectionTable,
+    Direction,
+)
 from migshark.analyzer.records import Event, Finding, Record, Severity
-from migshark.analyzer.returnpath import ReturnPathDecoder
 
-MULTIFD_MAGIC = 0x11223344
-MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
 RECV_SIZE = 1 << 20
 ACCEPT_POLL = 0.05
 EXIT_OK, EXIT_ERRORS, EXIT_UNUSABLE = 0, 1, 2
-
-FORWARD, BACKWARD = "source->destination", "destination->source"
 
 
 class AddressError(ValueError):
@@ -146,126 +149,20 @@ class Output:
             self.out.flush()
 
 
-class ConnectionAnalysis:
-    """Both directions of one connection, decoded in arrival order.
-
-    Sans-IO like the decoders: `data(direction, bytes)` and `end()`. Used by the proxy
-    and by tests; live capture has its own per-flow equivalent.
-    """
-
-    def __init__(self, name: str, options: AnalysisOptions,
-                 on_event: Any = None) -> None:
-        self.name = name
-        self.options = options
-        self.on_event = on_event
-        self.kind: str | None = None  # "migration", "multifd" or None until 4 bytes
-        self.stream: MigrationStream | None = None
-        self.return_path = ReturnPathDecoder()
-        self.forward_bytes = 0
-        self.backward_bytes = 0
-        self.reset_by: str | None = None
-        self._head = bytearray()
-        self._backlog: list[tuple[bytes, float | None]] = []
-        self.notes: list[Finding] = []
-
-    def data(self, direction: str, chunk: bytes, timestamp: float | None = None) -> None:
-        if direction == FORWARD:
-            self.forward_bytes += len(chunk)
-            self._forward(chunk, timestamp)
-        else:
-            self.backward_bytes += len(chunk)
-            if self.kind == "multifd":
-                return
-            if self.stream is None:
-                # the return path can only speak after the stream opened it; keep
-                # order anyway in case the first forward bytes are still queued
-                self._backlog.append((chunk, timestamp))
-                return
-            self._backward(chunk, timestamp)
-
-    def reset(self, direction: str) -> None:
-        self.reset_by = "source" if direction == FORWARD else "destination"
-
-    def end(self) -> None:
-        if self.kind is None and self._head:
-            self._start(bytes(self._head), None)
-        if self.stream is None:
-            return
-        for chunk, timestamp in self._backlog:
-            self._backward(chunk, timestamp)
-        self._backlog.clear()
-        if self.reset_by is not None:
-            self.stream.add_finding(findings.make(
-                "peer-reset", f"the {self.reset_by} reset the connection after "
-                f"{self.stream.decoder.offset} stream bytes", self.stream.decoder.offset))
-        self._return_path_events(self.return_path.finish())
-        self.stream.finish()
-
-    def _forward(self, chunk: bytes, timestamp: float | None) -> None:
-        if self.kind == "multifd":
-            return
-        if self.stream is not None:
-            self.stream.feed(chunk, timestamp)
-            return
-        self._head += chunk
-        if len(self._head) >= 4:
-            self._start(bytes(self._head), timestamp)
-
-    def _start(self, head: bytes, timestamp: float | None) -> None:
-        self._head.clear()
-        if head[:4] == MULTIFD_MAGIC_BYTES:
-            self.kind = "multifd"
-            note = findings.make("multifd-channel",
-                                 f"{self.name}: multifd channel, pages not decoded", 0)
-            self.notes.append(note)
-            if self.on_event is not None:
-                self.on_event(None, note)
-            return
-        # anything else is decoded as a migration stream: a wrong magic is a finding
-        self.kind = "migration"
-        self.stream = MigrationStream(self.name, self.options, self.on_event)
-        self.stream.feed(head, timestamp)
-        for chunk, ts in self._backlog:
-            self._backward(chunk, ts)
-        self._backlog.clear()
-
-    def _backward(self, chunk: bytes, timestamp: float | None) -> None:
-        self._return_path_events(self.return_path.feed(chunk, timestamp))
-
-    def _return_path_events(self, events: list[Event]) -> None:
-        assert self.stream is not None
-        for event in events:
-            if isinstance(event, Finding):
-                self.stream.add_finding(event)
-            elif self.on_event is not None:
-                self.on_event(self.stream, event)
-
-    def result(self, path: str) -> dict[str, Any] | None:
-        if self.stream is None:
-            return None
-        result = AnalysisResult(path, "proxy", [self.stream]).as_json()
-        result["return_path"] = {
-            "bytes": self.backward_bytes,
-            "messages": dict(sorted(self.return_path.messages.items())),
-            "shut_code": self.return_path.shut_code,
-        }
-        return result
-
-
 class ProxiedConnection:
     """Two forwarding threads and one analysis thread for one accepted connection."""
 
     def __init__(self, number: int, client: socket.socket, target: Address,
-                 options: AnalysisOptions, output: Output, path: str,
-                 sink: EventSink | None = None) -> None:
-        self.sink = sink
+                 table: ConnectionTable, output: Output, path: str) -> None:
         self.client = client
         self.target = target
         self.output = output
         self.path = path
         self.name = f"connection {number} ({_peer_name(client)} -> {target})"
-        self.queue: queue.SimpleQueue[tuple[str, bytes | None, float]] = queue.SimpleQueue()
-        self.analysis = ConnectionAnalysis(self.name, options, self._event)
+        self.queue: queue.SimpleQueue[tuple[Direction, bytes | None, float]] = (
+            queue.SimpleQueue())
+        # whatever connects to the proxy is meant to migrate: a wrong magic is a finding
+        self.analysis: Connection = table.open(self.name, claim=True)
         self.server: socket.socket | None = None
         self.error: str | None = None
         self.threads: list[threading.Thread] = []
@@ -305,7 +202,7 @@ class ProxiedConnection:
                 except OSError:
                     pass
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction) -> None:
         put = self.queue.put
         recv = src.recv
         send = dst.sendall
@@ -348,15 +245,19 @@ class ProxiedConnection:
     def _analyse(self) -> None:
         ended = 0
         broken = False
+        reset: set[Direction] = set()
         while ended < 2:
             direction, chunk, timestamp = self.queue.get()
             if chunk is None:
                 ended += 1
+                if direction not in reset:
+                    self.analysis.close(direction)
                 continue
             if broken:
                 continue
             try:
                 if not chunk:
+                    reset.add(direction)
                     self.analysis.reset(direction)
                 else:
                     self.analysis.data(direction, chunk, timestamp)
@@ -373,38 +274,18 @@ class ProxiedConnection:
         finally:
             self.done.set()
 
-    def _event(self, stream: MigrationStream | None, event: Event) -> None:
-        if self.sink is not None:
-            self.sink(stream, event)
-            return
-        if self.output.as_json or isinstance(event, Record):
-            return
-        from migshark.analyzer.cli import format_event_line
-
-        self.output.line(f"{self.name}: {format_event_line(0, event).strip()}")
-
     def _report(self) -> None:
-        self.result = self.analysis.result(self.path)
+        analysis = self.analysis
+        self.worst = analysis.worst_severity()
+        self.result = analysis.result(self.path, "proxy")
         if self.result is None:
-            if self.analysis.kind == "multifd" and not self.output.as_json:
-                self.output.line(f"{self.name}: multifd channel closed, "
-                                 f"{self.analysis.forward_bytes:,} bytes forwarded")
+            if analysis.kind is ConnectionKind.MULTIFD and not self.output.as_json:
+                self.output.line(report.format_connection_closed(analysis))
             return
-        stream = self.analysis.stream
-        assert stream is not None
-        self.worst = max((f.severity for f in stream.findings), default=None)
         if self.output.as_json:
-            self.output.line(json.dumps(self.result))
-            return
-        from migshark.analyzer.cli import _format_migration
-
-        lines = _format_migration(stream.result())
-        rp = self.result["return_path"]
-        messages = ", ".join(f"{k} x{v}" for k, v in rp["messages"].items()) or "none"
-        lines.append(f"  return path  : {rp['bytes']:,} bytes; messages: {messages}")
-        if self.error:
-            lines.append(f"  proxy error  : {self.error}")
-        self.output.line("\n".join(lines))
+            self.output.line(report.json_line(self.result))
+        else:
+            self.output.line(report.format_connection_report(analysis, self.error))
 
 
 class ProxyServer:
@@ -423,13 +304,26 @@ class ProxyServer:
         self.sink = sink
         self.server = listen(listen_at)  # OSError: the caller says why
         self.bound = bound_address(self.server, listen_at)
+        self.table = ConnectionTable(AnalysisOptions(keep_buffers=False),
+                                     sink if sink is not None else self._print_event,
+                                     None if sink is not None else self._print_finding)
         self.connections: list[ProxiedConnection] = []
         self.interrupted = threading.Event()
+
+    def _print_event(self, stream: MigrationStream, event: Event) -> None:
+        # Records would be a flood at line rate: the text output shows findings only.
+        if self.output.as_json or isinstance(event, Record):
+            return
+        self.output.line(f"{stream.name}: {report.format_event_line(0, event).strip()}")
+
+    def _print_finding(self, connection: Connection, finding: Finding) -> None:
+        if not self.output.as_json:
+            self.output.line(f"{connection.name}: "
+                             f"{report.format_event_line(0, finding).strip()}")
 
     def serve(self) -> Severity | None:
         """Forward until interrupted (or, with once, the first migration ended);
         the worst severity found, ERROR for a connection that failed outright."""
-        options = AnalysisOptions(keep_buffers=False)
         # A forwarding thread that wakes up waits for the analysis thread to give up the
         # GIL; the default 5 ms switch interval would stall the migration that long.
         sys.setswitchinterval(0.0002)
@@ -447,8 +341,7 @@ class ProxyServer:
                     continue
                 client.settimeout(None)
                 connection = ProxiedConnection(len(connections) + 1, client, self.target,
-                                               options, self.output, str(self.bound),
-                                               self.sink)
+                                               self.table, self.output, str(self.bound))
                 connections.append(connection)
                 connection.start()
             if self.interrupted.is_set():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from testkit import synthetic
 from testkit.paths import REPO_ROOT
@@ -70,3 +72,72 @@ def test_dump_lines_and_verbose(tmp_path):
     detail = run_cli("dump", "--ram-detail", str(path)).stdout
     assert detail.count("ram-page ") == 4 and detail.count("ram-zero ") == 2
     assert "ram-pages" not in detail
+
+
+# --- analyzer.report: the renderings the CLI, live, proxy and the TUI share ---------
+
+def test_render_json_is_what_analyze_json_prints(tmp_path: Path) -> None:
+    from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+    from migshark.analyzer.report import format_summary, render_json
+
+    path = tmp_path / "s.bin"
+    path.write_bytes(synthetic.precopy_stream())
+    result = analyze_path(path, AnalysisOptions())
+    assert run_cli("analyze", "--json", str(path)).stdout == render_json(result)
+    assert run_cli("analyze", str(path)).stdout == format_summary(result)
+
+
+def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path: Path) -> None:
+    import io
+
+    from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+    from migshark.analyzer.report import DumpPrinter
+
+    path = tmp_path / "s.pcap"
+    # a capture cut inside its last record: an input finding, after every event
+    from migshark.analyzer.pcapwriter import write_capture
+    from migshark.analyzer.scenario import TransportSpec
+
+    write_capture(path, synthetic.precopy_stream(), TransportSpec())
+    path.write_bytes(path.read_bytes()[:-7])
+    out = io.StringIO()
+    printer = DumpPrinter(out, verbose=True)
+    result = analyze_path(path, AnalysisOptions(), printer)
+    printer.input_findings(result)
+    lines = out.getvalue().splitlines()
+    # -V detail lines are indented field names; event lines start with a number or,
+    # for findings, with blanks where the number would be
+    detail = [line for line in lines if re.match(r"    [a-z_]", line)]
+    events = [line for line in lines if line not in detail]
+    assert detail and all(": " in line for line in detail)
+    numbers = [int(line.split()[0]) for line in events if re.match(r" {0,5}\d", line)]
+    found = [line for line in events if not re.match(r" {0,5}\d", line)]
+    # every event counts, findings too (their lines show no number), like frame numbers
+    assert numbers == sorted(set(numbers)) and numbers[0] == 1
+    assert len(numbers) + len(found) - 1 == printer.number
+    assert "] capture-truncated: " in found[-1] and found[-1].split()[0] == "0"
+    assert not any("capture-truncated" in line for line in found[:-1])
+
+
+def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
+    from migshark.analyzer.analysis import AnalysisOptions
+    from migshark.analyzer.connections import BACKWARD, FORWARD, MULTIFD_MAGIC_BYTES, Connection
+    from migshark.analyzer.report import format_connection_closed, format_connection_report
+    from migshark.analyzer.returnpath import ReturnPathMessage, build_message
+
+    shut = build_message(ReturnPathMessage.SHUT, b"\0\0\0\0")
+    main = Connection("connection 1", AnalysisOptions(), claim=True)
+    main.data(FORWARD, synthetic.precopy_stream())
+    main.data(BACKWARD, shut)
+    main.end()
+    text = format_connection_report(main)
+    assert text.startswith("\nMigration stream connection 1\n")
+    assert f"  return path  : {len(shut)} bytes; messages: SHUT x1" in text.splitlines()
+    assert "proxy error" not in text
+    assert format_connection_report(main, "analysis failed: X").endswith(
+        "  proxy error  : analysis failed: X")
+    channel = Connection("connection 2", AnalysisOptions(), claim=True)
+    channel.data(FORWARD, MULTIFD_MAGIC_BYTES + bytes(2000))
+    channel.end()
+    assert format_connection_closed(channel) == (
+        "connection 2: multifd channel closed, 2,004 bytes forwarded")

@@ -1,4 +1,4 @@
-"""`migshark live`: the demux it adds on top of offline analysis, the root check, and a
+"""`migshark live`: the connection tracker fed from captured segments, the root check, and a
 real sniffed migration (root + real QEMU) compared with QEMU's own hashes."""
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 
 from migshark.analyzer import cli
-from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+from migshark.analyzer.analysis import AnalysisOptions, CaptureDemux, analyze_path
 from migshark.analyzer.capture import ACK, FIN, PSH, RST, SYN, TcpSegment
-from migshark.analyzer.live import LiveDemux, PcapngWriter
+from migshark.analyzer.connections import (
+    FORWARD,
+    CaptureConnections,
+    Connection,
+    ConnectionKind,
+)
+from migshark.analyzer.pcapwriter import PcapngWriter
 from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
@@ -48,52 +54,91 @@ class _Conn:
         return [self.seg(True, flags=SYN), self.seg(False, flags=SYN | ACK), self.seg(True)]
 
 
-def test_demux_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
-    seen: list[tuple[str | None, str]] = []
-    demux = LiveDemux(AnalysisOptions(port=4444),
-                      lambda stream, event: seen.append(
-                          (stream.name if stream else None,
-                           event.code if isinstance(event, Finding) else event.kind)))
-    ended: list[str] = []
-    demux.on_stream_end = lambda stream: ended.append(stream.name)
+def test_tracker_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
+    seen: list[tuple[str, str]] = []
+    labelled: list[tuple[str, str]] = []
+    ended: list[Connection] = []
+    tracker = CaptureConnections(
+        AnalysisOptions(port=4444),
+        lambda stream, event: seen.append(
+            (stream.name, event.code if isinstance(event, Finding) else event.kind)),
+        lambda connection, finding: labelled.append((connection.name, finding.code)),
+        ended.append)
     main, multifd = _Conn(40000, 4444), _Conn(40001, 4444)
     stream = precopy_stream()
     segments = main.handshake() + multifd.handshake()
     segments.append(main.seg(True, stream[:3000], PSH | ACK))
     segments.append(multifd.seg(True, (0x11223344).to_bytes(4, "big") + b"\0" * 400))
-    segments.append(main.seg(False, build_message(ReturnPathMessage.PONG, b"\0\0\0\x07")))
+    pong = build_message(ReturnPathMessage.PONG, b"\0\0\0\x07")
+    segments.append(main.seg(False, pong))
     segments.append(main.seg(True, stream[3000:], PSH | ACK))
     # the destination resets: no FIN will ever follow, the migration must end now
     segments.append(main.seg(False, flags=RST))
     for segment in segments:
-        demux.segment(segment)
-    assert len(demux.streams) == 1, "the multifd channel is not a migration"
-    assert ended == [demux.streams[0].name]
-    assert (None, "multifd-channel") in seen
-    name = demux.streams[0].name
+        tracker.segment(segment)
+    assert len(tracker.streams) == 1, "the multifd channel is not a migration"
+    migration = tracker.connection_of(tracker.streams[0])
+    assert migration is not None and migration.kind is ConnectionKind.MIGRATION
+    assert ended == [migration]
+    channels = tracker.of_kind(ConnectionKind.MULTIFD)
+    assert [c.flow.sport for c in channels if c.flow] == [40001]
+    assert labelled == [(channels[0].name, "multifd-channel")]
+    name = tracker.streams[0].name
     assert (name, "rp-message") in seen
-    assert "peer-reset" in [f.code for f in demux.streams[0].findings]
-    rp = demux.return_path_for(demux.streams[0])
-    assert rp is not None and rp.messages == {"PONG": 1}
-    assert demux.streams[0].result()["complete"] is True
+    resets = [f for f in tracker.streams[0].findings if f.code == "peer-reset"]
+    assert len(resets) == 1 and "from the destination (10.0.0.2:4444)" in resets[0].message
+    assert migration.return_path.messages == {"PONG": 1}
+    assert tracker.streams[0].result()["complete"] is True
+    result = migration.result("live:lo", "live")
+    assert result is not None and result["return_path"]["bytes"] == len(pong)
+    # the multifd channel ends with its FIN, as a connection without a report
+    for segment in [multifd.seg(True, flags=FIN | ACK)]:
+        tracker.segment(segment)
+    assert ended[1:] == channels and channels[0].result("live:lo", "live") is None
+    assert channels[0].closed == {FORWARD} and migration.closed == set()
+
+
+def test_tracker_ignores_other_traffic_and_claims_by_port_mid_stream() -> None:
+    """Without --port only magic makes a connection; with it the port claims a flow
+    whose start the capture missed (decoded after a gap)."""
+    stream = precopy_stream()
+    unrelated, mid = _Conn(40000, 22), _Conn(40001, 4444)
+    by_magic = CaptureConnections(AnalysisOptions())
+    for segment in unrelated.handshake() + [unrelated.seg(True, b"SSH-2.0-x\r\n", PSH | ACK),
+                                            unrelated.seg(False, b"SSH-2.0-y\r\n", PSH | ACK)]:
+        by_magic.segment(segment)
+    assert by_magic.connections == []
+    # the first 100 bytes went by before the capture began: no SYN, no QEVM magic
+    mid.seq[True] += 100
+    segments = [mid.seg(True, stream[100:], PSH | ACK), mid.seg(True, flags=FIN | ACK)]
+    by_port = CaptureConnections(AnalysisOptions(port=4444))
+    offline = CaptureDemux(AnalysisOptions(port=4444))
+    for segment in segments:
+        by_port.segment(segment)
+        offline.segment(segment)
+    by_port.finish()
+    offline.finish()
+    assert len(by_port.streams) == 1 and by_port.connections[0].ended
+    # decoded as offline analysis decodes the same flow
+    assert by_port.streams[0].result() == offline.streams[0].result()
+    assert by_port.streams[0].result()["stream_bytes"] == len(stream) - 100
 
 
 def test_reset_after_the_destination_closed_still_ends_the_migration() -> None:
     """FIN from the destination, then its RST to the source's next bytes: the
     reassembler has closed that direction, yet the migration must end."""
-    demux = LiveDemux(AnalysisOptions())
-    ended: list[str] = []
-    demux.on_stream_end = lambda stream: ended.append(stream.name)
+    ended: list[Connection] = []
+    tracker = CaptureConnections(AnalysisOptions(), on_end=ended.append)
     conn = _Conn(40000, 4444)
     stream = precopy_stream(eof=False)
     for segment in conn.handshake() + [conn.seg(True, stream[:2000], PSH | ACK),
                                        conn.seg(False, flags=FIN | ACK),
                                        conn.seg(True, stream[2000:], PSH | ACK)]:
-        demux.segment(segment)
+        tracker.segment(segment)
     assert ended == []
-    demux.segment(conn.seg(False, flags=RST))
-    assert ended == [demux.streams[0].name]
-    assert "peer-reset" in [f.code for f in demux.streams[0].findings]
+    tracker.segment(conn.seg(False, flags=RST))
+    assert ended == tracker.connections
+    assert "peer-reset" in [f.code for f in tracker.streams[0].findings]
 
 
 def test_pcapng_writer_round_trips_through_the_reader(tmp_path: Path) -> None:
@@ -203,7 +248,9 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
     report = _sniff_real_migration(tmp_path, "postcopy-1node")
-    assert report["return_path"] == {"messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
+    # shaped as the proxy reports it: PONG and SHUT are 8 bytes each on the wire
+    assert report["return_path"] == {"bytes": 16, "messages": {"PONG": 1, "SHUT": 1},
+                                     "shut_code": 0}
 
 
 @pytest.mark.qemu
@@ -234,7 +281,7 @@ def test_text_output_prints_records_as_they_happen(monkeypatch: pytest.MonkeyPat
     stream = g.build_file_header() + g.build_configuration("pc-i440fx-7.2") + g.build_eof()
     for segment in conn.handshake() + [conn.seg(True, stream, PSH | ACK),
                                        conn.seg(True, flags=FIN | ACK)]:
-        capture.demux.segment(segment)
+        capture.tracker.segment(segment)
     text = capture.out.getvalue()
     assert "configuration" in text and "pc-i440fx-7.2" in text
     assert "Migration stream" in text  # the per-migration summary at FIN
@@ -287,10 +334,10 @@ def test_kernel_drops_become_findings_on_open_migrations() -> None:
     capture.out = io.StringIO()
     conn = _Conn(40000, 4444)
     for segment in conn.handshake() + [conn.seg(True, precopy_stream()[:500], PSH | ACK)]:
-        capture.demux.segment(segment)
-    capture.sock = SimpleNamespace(ins=PacketSocket())
+        capture.tracker.segment(segment)
+    capture.sock = SimpleNamespace(ins=PacketSocket())  # type: ignore[assignment]  # stand-in
     capture._poll_drops()
-    drops = [f for f in capture.demux.streams[0].findings if f.code == "kernel-drops"]
+    drops = [f for f in capture.tracker.streams[0].findings if f.code == "kernel-drops"]
     assert len(drops) == 1 and drops[0].severity.label == "error"
     assert "7 packets" in drops[0].message
     assert (capture.packets_total, capture.drops_total) == (120, 7)

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 
 from migshark.analyzer.analysis import AnalysisOptions
-from migshark.analyzer.proxy import (
+from migshark.analyzer.connections import (
     BACKWARD,
     FORWARD,
     MULTIFD_MAGIC_BYTES,
-    AddressError,
-    ConnectionAnalysis,
-    parse_address,
+    Connection,
+    ConnectionKind,
+    ConnectionTable,
 )
+from migshark.analyzer.proxy import AddressError, parse_address
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
 from testkit.paths import REPO_ROOT
@@ -39,25 +40,63 @@ def test_parse_address() -> None:
             parse_address(bad)
 
 
-def test_connection_analysis_labels_multifd_and_decodes_return_path() -> None:
-    multifd = ConnectionAnalysis("c2", AnalysisOptions())
+def test_connection_labels_multifd_and_decodes_return_path() -> None:
+    labelled: list[tuple[str, str]] = []
+    table = ConnectionTable(AnalysisOptions(),
+                            on_finding=lambda c, f: labelled.append((c.name, f.code)))
+    multifd = table.open("c2", claim=True)
     multifd.data(FORWARD, MULTIFD_MAGIC_BYTES[:2])
     multifd.data(FORWARD, MULTIFD_MAGIC_BYTES[2:] + b"\0" * 5000)
     multifd.end()
-    assert multifd.kind == "multifd" and multifd.stream is None
+    assert multifd.kind is ConnectionKind.MULTIFD and multifd.stream is None
     assert [n.code for n in multifd.notes] == ["multifd-channel"]
+    assert labelled == [("c2", "multifd-channel")]
+    assert multifd.forward_bytes == 4 + 5000 and multifd.result("test", "proxy") is None
 
-    main = ConnectionAnalysis("c1", AnalysisOptions())
+    main = table.open("c1", claim=True)
     # a return-path byte that overtakes the stream's first bytes is kept in order
     main.data(BACKWARD, build_message(ReturnPathMessage.SHUT, b"\0\0\0\3")[:3])
     main.data(FORWARD, g.build_file_header() + g.build_eof())
     main.data(BACKWARD, build_message(ReturnPathMessage.SHUT, b"\0\0\0\3")[3:])
     main.end()
-    result = main.result("test")
+    result = main.result("test", "proxy")
     assert result is not None
     assert result["return_path"]["messages"] == {"SHUT": 1}
     assert result["return_path"]["shut_code"] == 3
+    assert result["return_path"]["bytes"] == len(build_message(ReturnPathMessage.SHUT, b"1234"))
     assert "return-path-error" in [f["code"] for f in result["findings"]]
+    assert table.streams == [main.stream]
+    worst = table.worst_severity()
+    assert worst is not None and worst.label == "error"
+
+
+def test_connection_claimed_or_not_and_reset_by_either_side() -> None:
+    """Whatever connects to the proxy is claimed: a wrong magic is the decoder's finding.
+    Unclaimed, it is unknown and has no report. A reset is noted once, by its sender."""
+    claimed = Connection("c", AnalysisOptions(), claim=True)
+    claimed.data(FORWARD, b"GET / HTTP/1.1\r\n")
+    claimed.reset(BACKWARD)
+    claimed.reset(FORWARD)  # the second side's error after the first reset: no new note
+    claimed.end()
+    assert claimed.kind is ConnectionKind.MIGRATION
+    result = claimed.result("test", "proxy")
+    assert result is not None
+    codes = [f["code"] for f in result["findings"]]
+    assert codes.count("peer-reset") == 1
+    reset = next(f for f in result["findings"] if f["code"] == "peer-reset")
+    assert reset["message"].startswith("the destination reset the connection")
+    assert result["migrations"][0]["complete"] is False
+
+    unknown = Connection("u", AnalysisOptions())
+    unknown.data(FORWARD, b"SSH-2.0-OpenSSH\r\n")
+    unknown.data(BACKWARD, b"SSH-2.0-x\r\n")
+    unknown.end()
+    assert unknown.kind is ConnectionKind.UNKNOWN and unknown.result("t", "proxy") is None
+    # shorter than a magic, then closed: still unknown, never a crash
+    short = Connection("s", AnalysisOptions())
+    short.data(FORWARD, b"QE")
+    short.end()
+    assert short.kind is ConnectionKind.UNKNOWN and short.stream is None
 
 
 def _start_proxy(listen: str, to: str) -> tuple[subprocess.Popen[bytes], str]:
@@ -230,3 +269,56 @@ def test_proxy_ctrl_c_reports_the_open_connection() -> None:
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is False
     assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
+
+
+def test_proxy_text_output_reports_each_connection() -> None:
+    """In-process, text mode: a multifd channel's label and close line, the migration's
+    findings as they happen and its report with the return path, all through
+    analyzer.report."""
+    import io
+    import threading
+
+    from migshark.analyzer.proxy import Output, ProxyServer
+
+    server, dest = _fake_destination()
+    out = io.StringIO()
+    proxy = ProxyServer(parse_address("tcp:127.0.0.1:0"), parse_address(dest),
+                        Output(out, as_json=False), once=False)
+    serving = threading.Thread(target=proxy.serve, daemon=True)
+    serving.start()
+    address = (proxy.bound.host, proxy.bound.port)
+    shut = build_message(ReturnPathMessage.SHUT, b"\0\0\0\0")
+    try:
+        channel = socket.create_connection(address, timeout=10)
+        channel_peer, _ = server.accept()
+        channel.sendall(MULTIFD_MAGIC_BYTES + bytes(1000))
+        channel.shutdown(socket.SHUT_WR)
+        assert len(_read_all(channel_peer)) == 1004
+        channel_peer.close()
+        channel.close()
+        client = socket.create_connection(address, timeout=10)
+        peer, _ = server.accept()
+        peer.settimeout(10)
+        client.sendall(precopy_stream()[:-300])  # cut: the migration ends with an error
+        client.shutdown(socket.SHUT_WR)
+        _read_all(peer)
+        peer.sendall(shut)
+        peer.close()
+        _read_all(client)
+        client.close()
+        assert proxy.connections[1].done.wait(15), "the migration's report never came"
+        proxy.interrupted.set()
+        serving.join(15)
+    finally:
+        proxy.interrupted.set()
+        server.close()
+    assert not serving.is_alive()
+    text = out.getvalue()
+    assert "multifd channel, pages not decoded" in text
+    assert "connection 1 (" in text and "multifd channel closed, 1,004 bytes forwarded" in text
+    assert "connection 2 (" in text and "[error] truncated:" in text
+    assert "\nMigration stream connection 2 (" in text
+    assert f"  return path  : {len(shut)} bytes; messages: SHUT x1" in text
+    assert proxy.table.worst_severity() is not None
+    assert [c.kind for c in proxy.table.connections] == [ConnectionKind.MULTIFD,
+                                                         ConnectionKind.MIGRATION]

@@ -114,13 +114,13 @@ def test_any_bytes_decode_without_exceptions_and_records_tile(data: bytes, chunk
 
 def test_garbage_through_the_proxy_analysis_is_findings_not_exceptions() -> None:
     from migshark.analyzer.analysis import AnalysisOptions
-    from migshark.analyzer.proxy import BACKWARD, FORWARD, ConnectionAnalysis
+    from migshark.analyzer.connections import BACKWARD, FORWARD, Connection
 
-    analysis = ConnectionAnalysis("garbage", AnalysisOptions())
+    analysis = Connection("garbage", AnalysisOptions(), claim=True)  # as the proxy opens it
     analysis.data(FORWARD, b"GET / HTTP/1.1\r\n\r\n" * 10)
     analysis.data(BACKWARD, b"\x00\x2a\x00\x01X" * 8)  # type 42: unknown to QEMU
     analysis.end()
-    result = analysis.result("test")
+    result = analysis.result("test", "proxy")
     assert result is not None
     codes = {f["code"] for f in result["findings"]}
     assert "bad-magic" in codes and "bad-return-path" in codes

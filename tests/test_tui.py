@@ -15,8 +15,9 @@ from textual.widgets import DataTable, Input, ProgressBar, Static, Tree
 
 from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_path
 from migshark.analyzer.bitmaps import BitmapTracker
-from migshark.analyzer.cli import build_parser, format_event_line
+from migshark.analyzer.cli import build_parser
 from migshark.analyzer.records import Finding, Record, Severity
+from migshark.analyzer.report import format_event_line
 from migshark.dissectors.registry import describe, field_value
 from migshark.tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from migshark.tui.demo import build_demo_stream, write_demo_stream

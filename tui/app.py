@@ -28,8 +28,8 @@ from textual.widgets.tree import TreeNode
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError
 from migshark.analyzer.capture import sniff_format
-from migshark.analyzer.cli import format_event_line
 from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.report import format_event_line
 from migshark.dissectors.registry import describe, kind_info
 from migshark.tui.fields import ByteSource
 from migshark.tui.filter import FilterError, Predicate, parse_filter

@@ -38,7 +38,7 @@ class LiveSource:
         self.capture = _CaptureForApp(args)
         # The per-migration text summary has no place on a terminal the app owns.
         self.capture.out = open(os.devnull, "w")  # noqa: SIM115 - closed in run()
-        self.capture.demux.sink = None
+        self.capture.tracker.sink = None
 
     def open(self) -> str | None:
         return self.capture.open()
@@ -47,14 +47,14 @@ class LiveSource:
         capture = self.capture
         batcher = Batcher(deliver, stop)
         capture.batcher = batcher
-        capture.demux.sink = batcher
+        capture.tracker.sink = batcher
         capture.interrupted = stop
         try:
             capture.run()
         finally:
             capture.out.close()
         batcher.flush(final=True)
-        return AnalysisResult(self.name, "live", capture.demux.streams).as_json()
+        return AnalysisResult(self.name, "live", capture.tracker.streams).as_json()
 
 
 def run_live_tui(args: argparse.Namespace) -> int:

@@ -39,9 +39,9 @@ class ProxySource:
         self.name = f"proxy {opened.bound} -> {opened.target}"
         return None
 
-    def _sink(self, stream: MigrationStream | None, event: Event) -> None:
+    def _sink(self, stream: MigrationStream, event: Event) -> None:
         with self._lock:
-            if self._batcher is not None and stream is not None:
+            if self._batcher is not None:
                 self._batcher(stream, event)
 
     def run(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
@@ -67,8 +67,7 @@ class ProxySource:
             thread.join()
         with self._lock:
             batcher.flush(final=True)
-        streams = [c.analysis.stream for c in proxy.connections if c.analysis.stream]
-        return AnalysisResult(str(proxy.bound), "proxy", streams).as_json()
+        return AnalysisResult(str(proxy.bound), "proxy", list(proxy.table.streams)).as_json()
 
 
 def run_proxy_tui(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Static
 
-from migshark.analyzer.cli import record_info
 from migshark.analyzer.records import Record, Severity
+from migshark.analyzer.report import record_info
 from migshark.dissectors.registry import Kind
 from migshark.tui.model import BitmapSnapshot, Store
 

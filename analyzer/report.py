@@ -1,0 +1,200 @@
+"""Every text and JSON rendering of migshark's results, in one place.
+
+`analyze` (summary and --json), `dump` (one line per event, -V detail), `live` and
+`proxy` (events as they happen, one report per finished connection) and the TUI (record
+lines, text export) all render here, so that one result always reads the same wherever
+it is shown. Nothing here decodes or does I/O of its own beyond the stream it is given:
+the callers choose where text goes.
+
+Import cost matters: `dump` and the TUI call format_event_line once per event, and every
+command imports this module at start-up, so it depends on records only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TextIO
+
+from migshark.analyzer.records import Event, Finding, Record
+
+if TYPE_CHECKING:
+    from migshark.analyzer.analysis import AnalysisResult, MigrationStream
+    from migshark.analyzer.connections import Connection
+
+# The fields a one-line record summary shows, in this order: enough to follow a stream
+# by eye; -V shows the rest.
+_KEY_FIELDS = ("idstr", "section_id", "machine_type", "command", "packaged_length",
+               "granularity", "bitmap_flags", "first_sector", "sector_count", "zeroes",
+               "buffer_size", "pages", "zero_pages", "total_bytes", "method", "size",
+               "devices", "addr", "block")
+
+# Shown as one line each in the text summary; every other section is device state.
+_MAIN_SECTIONS = ("ram", "dirty-bitmap", "(framing)")
+
+
+# --- one event ---------------------------------------------------------------------
+
+def record_info(record: Record) -> str:
+    parts = []
+    for key in _KEY_FIELDS:
+        if key in record.fields:
+            value = record.fields[key]
+            if key == "bitmap_flags" and isinstance(value, int):
+                value = f"{value:#04x}"
+            elif key == "addr":
+                value = f"{value:#x}"
+            parts.append(f"{key}={value}")
+    if "flag_names" in record.fields and record.fields.get("flags_width", 1) > 1:
+        parts.append(f"flags_width={record.fields['flags_width']}")
+    return " ".join(parts)
+
+
+def format_event_line(number: int, event: Event) -> str:
+    if isinstance(event, Finding):
+        return (f"{'':>6} {event.offset:>12}  [{event.severity.label}] {event.code}: "
+                f"{event.message}")
+    bitmap = f"{event.node}/{event.bitmap}" if event.bitmap else "-"
+    indent = "  " if event.depth else ""
+    return (f"{number:>6} {event.offset:>12}  {event.section or '-':<14} "
+            f"{indent}{event.kind:<16} {bitmap:<24} {record_info(event)}").rstrip()
+
+
+def format_record_detail(record: Record) -> list[str]:
+    lines = [f"offset: {record.offset} ({record.offset:#x}), length: {record.length}",
+             f"section: {record.section} (id {record.section_id})"]
+    if record.bitmap:
+        lines.append(f"bitmap: node={record.node} name={record.bitmap}")
+    for key, value in record.fields.items():
+        if isinstance(value, bytes):
+            shown = value[:32].hex() + ("..." if len(value) > 32 else "")
+            value = f"{len(value)} bytes: {shown}"
+        lines.append(f"{key}: {value}")
+    return lines
+
+
+class DumpPrinter:
+    """The `dump` sink: one numbered line per event, with -V every field of a record.
+
+    Numbering counts events of every stream, in the order the decoder produced them,
+    like tshark's frame numbers."""
+
+    def __init__(self, out: TextIO, verbose: bool) -> None:
+        self.out = out
+        self.verbose = verbose
+        self.number = 0
+
+    def __call__(self, stream: MigrationStream, event: Event) -> None:
+        self.number += 1
+        self.out.write(format_event_line(self.number, event) + "\n")
+        if self.verbose and isinstance(event, Record):
+            for line in format_record_detail(event):
+                self.out.write("    " + line + "\n")
+
+    def input_findings(self, result: AnalysisResult) -> None:
+        """Findings about the input file itself (not about a stream) come last, unnumbered."""
+        for finding in result.input_findings:
+            self.out.write(format_event_line(0, finding) + "\n")
+
+
+# --- analyze -------------------------------------------------------------------------
+
+def render_json(result: AnalysisResult) -> str:
+    """`analyze --json`: the result as one indented JSON document."""
+    return json.dumps(result.as_json(), indent=2) + "\n"
+
+
+def format_summary(result: AnalysisResult) -> str:
+    out: list[str] = [f"migshark: {result.path} ({result.input_format})"]
+    for finding in result.input_findings:
+        out.append(f"  [{finding.severity.label}] {finding.code}: {finding.message}")
+    for migration in result.migrations:
+        out += format_migration(migration.result())
+    out.append("")
+    return "\n".join(out)
+
+
+def format_migration(summary: dict[str, Any]) -> list[str]:
+    """The text block of one migration stream (MigrationStream.result())."""
+    out = [f"\nMigration stream {summary['stream']}"]
+    out.append(f"  machine type : {summary['machine_type'] or 'unknown'}")
+    out.append(f"  phases       : {', '.join(summary['phases']) or 'none seen'}")
+    ended = "ends with EOF" if summary["complete"] else "no EOF"
+    out.append(f"  stream       : {summary['stream_bytes']:,} bytes, {ended}, "
+               f"{summary['ram_iterations']} RAM iteration(s)")
+    out.append("  sections     :")
+    # Device sections are many and small; list them as one line (JSON keeps each).
+    devices = {k: v for k, v in summary["sections"].items() if k not in _MAIN_SECTIONS}
+    for name in _MAIN_SECTIONS:
+        if name in summary["sections"]:
+            out.append(f"    {name:<28} {summary['sections'][name]:>14,} bytes")
+    if devices:
+        label = f"device state ({len(devices)} sections)"
+        out.append(f"    {label:<28} {sum(devices.values()):>14,} bytes")
+    out += _format_bitmaps(summary["bitmaps"])
+    out += _format_findings(summary["findings"])
+    return out
+
+
+def _format_bitmaps(bitmaps: list[dict[str, Any]]) -> list[str]:
+    out = [f"  bitmaps ({len(bitmaps)}):"]
+    if bitmaps:
+        out.append(f"    {'node/name':<28} {'granularity':>11} {'flags':<6} {'disk size':>14} "
+                   f"{'dirty bytes':>14}  {'status':<13} sha256")
+    for bitmap in bitmaps:
+        flags = ("E" if bitmap["enabled"] else "-") + ("P" if bitmap["persistent"] else "-")
+        label = f"{bitmap['node']}/{bitmap['name']}"
+        if (bitmap["real_node"], bitmap["real_name"]) != (bitmap["node"], bitmap["name"]):
+            label += f" (= {bitmap['real_node']}/{bitmap['real_name']})"
+        out.append(
+            f"    {label:<28} {bitmap['granularity'] or '?':>11} {flags:<6} "
+            f"{_num(bitmap['disk_size']):>14} {_num(bitmap['dirty_bytes']):>14}  "
+            f"{bitmap['status']:<13} {bitmap['sha256'] or '(' + str(bitmap['reason']) + ')'}")
+    return out
+
+
+def _format_findings(found: list[dict[str, Any]]) -> list[str]:
+    # Phase notes are already the "phases" line.
+    shown = [f for f in found if f["code"] != "phase"]
+    out: list[str] = []
+    for severity in ("error", "warning", "note"):
+        group = [f for f in shown if f["severity"] == severity]
+        if not group:
+            continue
+        out.append(f"  {severity}s ({len(group)}):")
+        for finding in group:
+            where = f"{finding['offset']:#010x}"
+            out.append(f"    {where}  {finding['code']:<22} {finding['message']}")
+    if not shown:
+        out.append("  findings     : none")
+    return out
+
+
+def _num(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+# --- live and proxy ------------------------------------------------------------------
+
+def json_line(result: dict[str, Any]) -> str:
+    """One finished connection as one JSON line (live --json, proxy --json)."""
+    return json.dumps(result)
+
+
+def format_connection_report(connection: Connection, error: str | None = None) -> str:
+    """The text report of one finished migration connection: the migration's block
+    plus what only a connection has (its return path, a proxy's own failure)."""
+    assert connection.stream is not None, "only a migration connection has a report"
+    lines = format_migration(connection.stream.result())
+    return_path = connection.return_path
+    messages = ", ".join(f"{k} x{v}" for k, v in sorted(return_path.messages.items()))
+    lines.append(f"  return path  : {connection.backward_bytes:,} bytes; "
+                 f"messages: {messages or 'none'}")
+    if error:
+        lines.append(f"  proxy error  : {error}")
+    return "\n".join(lines)
+
+
+def format_connection_closed(connection: Connection) -> str:
+    """One line for a connection that carried no migration stream of its own."""
+    return (f"{connection.name}: {connection.kind} channel closed, "
+            f"{connection.forward_bytes:,} bytes forwarded")
