@@ -281,7 +281,7 @@ class DirtyBitmapDissector(SectionDissector):
         machine = self.machine
         rb = self.rb
         start = rb.base + rb.pos
-        first_event = machine.event_count()
+        first_event = machine.event_count() if skip else 0
         flag_field = head["flags"]
         flags = flag_field["value"]
         width = flag_field["width"]
