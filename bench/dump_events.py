@@ -61,7 +61,7 @@ def dump(out: Any, with_spans: bool) -> None:
         name = path.relative_to(ROOT)
         lines: list[str] = []
 
-        def sink(stream: MigrationStream, event: Event) -> None:
+        def sink(stream: MigrationStream, event: Event, lines: list[str] = lines) -> None:
             lines.append(f"{stream.name} {describe(event, with_spans)}")
 
         result = analyze_path(path, AnalysisOptions(), sink)
