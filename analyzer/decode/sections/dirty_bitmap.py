@@ -29,6 +29,7 @@ from construct import ConstructError
 
 from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
+from migshark.analyzer.decode.resync import printable
 from migshark.analyzer.decode.sections import SectionDissector, register
 from migshark.dissectors import grammar as g
 
@@ -398,7 +399,7 @@ class DirtyBitmapDissector(SectionDissector):
                 name_len = buf[pos + 5]
                 if short(6 + name_len):
                     return 6 + name_len
-                looks_like_next = pos + 6 + name_len <= limit and _printable(
+                looks_like_next = pos + 6 + name_len <= limit and printable(
                     bytes(buf[pos + 6 : pos + 6 + name_len]))
         elif first == _EOF and machine.package_end is None:
             if short(2):
@@ -417,7 +418,3 @@ class DirtyBitmapDissector(SectionDissector):
         else:
             machine.resume_items()
         return 0
-
-
-def _printable(name: bytes) -> bool:
-    return bool(name) and all(0x20 < b < 0x7F for b in name)
