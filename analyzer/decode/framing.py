@@ -280,7 +280,7 @@ class FramingMachine(EventQueue):
         return None
 
     def begin_payload(self, section: Section, item_type: int) -> None:
-        dissector = self.dissector_for(section.idstr)
+        dissector = self._dissectors.get(section.idstr, self._fallback)
         dissector.begin(section, item_type)
         self.dissector = dissector
         self.state = State.PAYLOAD
@@ -317,7 +317,8 @@ class FramingMachine(EventQueue):
                 fields={"footer_section_id": footer_id, "section_id": section.section_id}))
         rb.pos += 5
         self.current = None
-        self.resume_items()
+        self.state = State.ITEM
+        self._reader = self._read_item
         return None
 
     def _footer_missing(self, section: Section) -> None:
