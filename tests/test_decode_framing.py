@@ -254,3 +254,43 @@ def test_receive_buffer_keeps_stream_offsets_across_compaction_and_skips():
     rb.append(rest)
     rb.lose(100)
     assert (rb.base, rb.available(), rb.end) == (117, 0, 117)
+
+
+def _mutations(data: bytes, count: int) -> list[bytes]:
+    rng = random.Random(1103)
+    mutated = []
+    for _ in range(count):
+        buf = bytearray(data)
+        for _ in range(rng.choice([1, 2, 8])):
+            at = rng.randrange(len(buf))
+            if rng.random() < 0.2:
+                del buf[at : at + rng.randrange(1, 64)]
+            else:
+                buf[at] = rng.randrange(256)
+        mutated.append(bytes(buf))
+    return mutated
+
+
+@pytest.mark.parametrize("data", _mutations((CAPTURES / "generated/clean.bin").read_bytes(), 40))
+def test_mutated_streams_decode_alike_in_any_chunking_with_spans_inside(data):
+    whole = _decode_in_chunks(data, [])
+    assert _decode_in_chunks(data, [7] * (len(data) // 7 + 1)) == whole
+    assert _decode_in_chunks(data, [1, 4095, 3, 9000, 2] * 8) == whole
+    for event in decode_bytes(data):
+        if isinstance(event, Record) and event.spans:
+            for _key, start, size in event.spans:
+                assert event.offset <= start and start + size <= event.end <= len(data)
+
+
+def test_a_record_cut_by_the_end_of_data_claims_only_the_bytes_that_came():
+    data = (CAPTURES / "generated/oversized-buffer.bin").read_bytes()
+    bits = next(event for event in decode_bytes(data)
+                if isinstance(event, Record) and event.fields.get("buffer_size", 0) > 10240)
+    cut = bits.offset + bits.length - 100
+    events = decode_bytes(data[:cut])
+    record = next(event for event in events
+                  if isinstance(event, Record) and event.offset == bits.offset)
+    assert record.end == cut
+    assert record.spans is not None and record.spans[-1][0] == "buffer"
+    assert all(start + size <= cut for _key, start, size in record.spans)
+    assert record.spans[-1][2] == bits.spans[-1][2] - 100  # type: ignore[index]

@@ -109,6 +109,9 @@ class FramingMachine(EventQueue):
         end = self.rb.end
         for event in self._deferred:
             event.length = max(0, min(event.length, end - event.offset))
+            if isinstance(event, Record) and event.spans:
+                event.spans = tuple([(key, start, max(0, min(size, end - start)))
+                                     for key, start, size in event.spans])
         self._events.extend(self._deferred)
         self._deferred = []
 
