@@ -134,7 +134,7 @@ class MigrationStream:
             else:
                 self.findings.append(event)
                 if event.code == "phase":
-                    self.phases.append(event.message.removeprefix("migration phase: "))
+                    self.phases.append(event.fields["phase"])
             if self.sink is not None:
                 self.sink(self, event)
             for extra in self.tracker.consume(event):

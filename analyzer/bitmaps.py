@@ -287,7 +287,8 @@ class BitmapTracker:
             # records, which coverage checks report. A hole inside the dirty-bitmap
             # payload itself, or where the decoder did not know its place, may have
             # swallowed records of any bitmap in transit.
-            if (event.code == "capture-gap" and "exactly" not in event.message
+            if (event.code == "capture-gap"
+                    and not event.fields.get("inside_skipped_data", False)
                     and event.section in (None, g.DIRTY_BITMAP_SECTION_IDSTR)):
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
             return []

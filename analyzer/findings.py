@@ -33,7 +33,7 @@ class FindingKind(Fields):
     def __delattr__(self, name: str) -> NoReturn:
         raise _frozen(f"cannot delete field {name!r}")
 
-    def __hash__(self) -> int:
+    def __hash__(self) -> int:  # type: ignore[override]  # Fields makes records unhashable
         return hash(self._astuple())
 
     def __reduce__(self) -> tuple[type[FindingKind], tuple[Any, ...]]:
@@ -230,6 +230,9 @@ def make(
     node: str | None = None,
     bitmap: str | None = None,
     length: int = 0,
+    fields: dict[str, Any] | None = None,
 ) -> Finding:
+    """A finding of a catalogued code; `fields` carries its data for programs."""
     kind = CATALOGUE[code]
-    return Finding(code, kind.severity, message, offset, section, node, bitmap, length)
+    return Finding(code, kind.severity, message, offset, section, node, bitmap, length,
+                   None, fields)

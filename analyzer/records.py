@@ -42,7 +42,7 @@ class Fields:
 
     def __eq__(self, other: object) -> bool:
         if other.__class__ is self.__class__:
-            return self._astuple() == other._astuple()  # type: ignore[attr-defined]
+            return self._astuple() == other._astuple()
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
@@ -88,15 +88,20 @@ class Record(Fields):
 
 
 class Finding(Fields):
-    """An expert-info item: something a destination would reject or a user should know."""
+    """An expert-info item: something a destination would reject or a user should know.
+
+    `fields` holds the finding's data (lengths, expected and found values, ids) for
+    programs: `message` is for people and is never parsed.
+    """
 
     __slots__ = _fields = ("code", "severity", "message", "offset", "section", "node",
-                           "bitmap", "length", "timestamp")
+                           "bitmap", "length", "timestamp", "fields")
 
     def __init__(self, code: str, severity: Severity, message: str, offset: int,
                  section: str | None = None, node: str | None = None,
                  bitmap: str | None = None, length: int = 0,
-                 timestamp: float | None = None) -> None:
+                 timestamp: float | None = None, fields: dict[str, Any] | None = None
+                 ) -> None:
         self.code = code
         self.severity = severity
         self.message = message
@@ -106,6 +111,7 @@ class Finding(Fields):
         self.bitmap = bitmap
         self.length = length
         self.timestamp = timestamp
+        self.fields: dict[str, Any] = {} if fields is None else fields
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -66,3 +66,13 @@ def _walk_struct(desc: dict[str, Any], buf: bytes | bytearray, pos: int, limit: 
             raise VmstateIncomplete(pos)
         pos = _walk_struct(sub, buf, pos, limit, depth + 1)
     return pos
+
+
+def index_vmdesc(vmdesc: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
+    """VMDESCRIPTION's device descriptions by (device name, instance id)."""
+    devices = vmdesc.get("devices", []) if isinstance(vmdesc, dict) else []
+    index: dict[tuple[str, int], dict[str, Any]] = {}
+    for device in devices:
+        if isinstance(device, dict) and "name" in device:
+            index[(str(device["name"]), int(device.get("instance_id", 0)))] = device
+    return index

@@ -153,7 +153,7 @@ class _NeverKeeps(dict):
 
 def test_fixed_bitmap_heads_read_like_the_grammar(monkeypatch):
     """BITS heads read with the learned fixed layouts equal the grammar's parse."""
-    import migshark.analyzer.decoder as decoder
+    import migshark.analyzer.decode.sections.dirty_bitmap as decoder
 
     stream = precopy_stream()
     cuts = list(range(0, len(stream), 997))

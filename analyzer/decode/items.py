@@ -1,0 +1,310 @@
+"""The item readers: one per item type byte (savevm.c's `qemu_loadvm_state_main`).
+
+Each is called by the framing machine in State.ITEM with the item type byte at the
+read position (its stream offset in `machine.item_start`) and keeps the reader
+contract: consume the whole item and return None, or consume nothing and return how
+many bytes must be available. Section headers hand the payload to the section's
+dissector (machine.begin_payload).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+from migshark.analyzer import findings
+from migshark.analyzer.decode.parsers import GrammarParser
+from migshark.analyzer.decode.state import NeedMore, Section, State
+from migshark.dissectors import grammar as g
+
+if TYPE_CHECKING:  # annotations only: framing imports this module
+    from migshark.analyzer.decode.framing import FramingMachine
+
+ItemReader = Callable[["FramingMachine"], NeedMore | None]
+
+# Bounds on lengths read from the wire, so that a hostile length never makes us
+# buffer or allocate more than this before we give up on an element.
+MAX_CONFIGURATION = 4096
+MAX_VMDESCRIPTION = 64 << 20
+
+_BE32 = struct.Struct(">I")
+_SECTION_SHORT = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
+_SECTION_START, _SECTION_PART = int(g.ItemType.SECTION_START), int(g.ItemType.SECTION_PART)
+_section_full = GrammarParser(g.SectionHeaderFull)
+
+
+def read_eof(machine: FramingMachine) -> NeedMore | None:
+    machine.record("eof", machine.item_start, machine.item_start + 1,
+                   (("item_type", machine.item_start, 1),))
+    machine.rb.pos += 1
+    machine.ended = True
+    if machine.depth:
+        # EOF inside a package ends the nested load; QEMU's loader returns there.
+        return None
+    machine.set_state(State.AFTER_EOF)
+    return None
+
+
+def read_vmdescription(machine: FramingMachine) -> NeedMore | None:
+    avail = machine.available()
+    if avail < 5:
+        return 5
+    rb = machine.rb
+    start = machine.item_start
+    length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
+    if length > MAX_VMDESCRIPTION:
+        machine.emit(findings.make(
+            "truncated", f"VMDESCRIPTION claims {length} bytes, more than the "
+            f"{MAX_VMDESCRIPTION} this decoder accepts", start,
+            fields={"element": "VMDESCRIPTION", "length": length,
+                    "limit": MAX_VMDESCRIPTION}))
+        machine.set_state(State.DONE)
+        return None
+    if avail < 5 + length:
+        return 5 + length
+    body = g.LengthPrefixed32.parse(rb.peek(4 + length, 1))
+    try:
+        desc = json.loads(body.data)
+    except ValueError:
+        desc = None
+    rb.pos += 5 + length
+    machine.record("vmdescription", start, start + 5 + length,
+                   (("item_type", start, 1), ("length", start + 1, 4),
+                    ("devices", start + 5, length)),
+                   length=length, valid_json=desc is not None,
+                   devices=len(desc.get("devices", [])) if isinstance(desc, dict) else 0)
+    if isinstance(desc, dict):
+        machine.vmdescription_arrived(desc)
+    machine.set_state(State.AFTER_VMDESC)
+    return None
+
+
+def read_configuration(machine: FramingMachine) -> NeedMore | None:
+    if machine.available() < 5:
+        return machine.short(5, "CONFIGURATION")
+    rb = machine.rb
+    start = machine.item_start
+    length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
+    if length > MAX_CONFIGURATION:
+        machine.emit(findings.make(
+            "truncated", f"CONFIGURATION claims a {length}-byte machine type",
+            start, section="configuration",
+            fields={"element": "CONFIGURATION", "length": length,
+                    "limit": MAX_CONFIGURATION}))
+        machine.enter_resync(start + 1)
+        return None
+    if machine.available() < 5 + length:
+        return machine.short(5 + length, "CONFIGURATION")
+    body = g.LengthPrefixed32.parse(rb.peek(4 + length, 1))
+    name = body.data.decode("utf-8", "replace")
+    machine.machine_type = name
+    pos = rb.pos + 5 + length
+    subsections: list[str] = []
+    # Newer QEMU appends vmstate subsections (target page bits, capabilities, uuid).
+    while True:
+        parsed = _configuration_subsection(machine, pos)
+        if parsed is None:
+            return machine.short(pos - rb.pos + 512, "CONFIGURATION subsection")
+        if parsed is False:
+            break
+        name_sub, pos = parsed
+        subsections.append(name_sub)
+    machine.record("configuration", start, rb.absolute(pos),
+                   (("item_type", start, 1), ("length", start + 1, 4),
+                    ("machine_type", start + 5, length)),
+                   machine_type=name, subsections=subsections)
+    rb.pos = pos
+    return None
+
+
+def _configuration_subsection(machine: FramingMachine, pos: int
+                              ) -> tuple[str, int] | Literal[False] | None:
+    """(name, end) for a subsection at pos, False if none starts there, None if short."""
+    buf = machine.rb.data
+    end = len(buf)
+    if pos >= end:
+        return None
+    if buf[pos] != g.ItemType.SUBSECTION:
+        return False
+    if pos + 2 > end:
+        return None
+    head_end = pos + 2 + buf[pos + 1] + 4
+    if head_end > end:
+        return None
+    head = g.SubsectionHeader.parse(bytes(buf[pos + 1 : head_end]))
+    body = head_end
+    if head.idstr == "configuration/target-page-bits":
+        body += 4
+    elif head.idstr == "configuration/uuid":
+        body += 16
+    elif head.idstr == "configuration/capabilities":
+        if body + 4 > end:
+            return None
+        count = _BE32.unpack_from(buf, body)[0]
+        body += 4
+        for _ in range(min(count, 64)):
+            if body >= end:
+                return None
+            body += 1 + buf[body]
+    else:
+        return False
+    if body > end:
+        return None
+    return head.idstr, body
+
+
+def read_section_header_full(machine: FramingMachine) -> NeedMore | None:
+    if machine.available() < 6:
+        return machine.short(6, "a section header")
+    rb = machine.rb
+    name_len = rb.data[rb.pos + 5]
+    size = 1 + 4 + 1 + name_len + 8
+    if machine.available() < size:
+        return machine.short(size, "a section header")
+    head = _section_full.parse(rb.peek(size - 1, 1))
+    item_type = rb.data[rb.pos]
+    section = Section(head.section_id, head.idstr, head.instance_id, head.version_id)
+    machine.sections[head.section_id] = section
+    machine.current = section
+    start = machine.item_start
+    kind = "section-start" if item_type == _SECTION_START else "section-full"
+    at = start + 6 + name_len
+    machine.record(kind, start, start + size,
+                   (("item_type", start, 1), ("section_id", start + 1, 4),
+                    ("idstr", start + 5, 1 + name_len), ("instance_id", at, 4),
+                    ("version_id", at + 4, 4)),
+                   section_id=head.section_id, idstr=head.idstr,
+                   instance_id=head.instance_id, version_id=head.version_id)
+    rb.pos += size
+    if item_type == _SECTION_START:
+        machine.phase("setup", start)
+    elif not machine.depth:
+        machine.phase("completion", start)
+    machine.begin_payload(section, item_type)
+    return None
+
+
+def read_section_header_short(machine: FramingMachine) -> NeedMore | None:
+    if machine.available() < 5:
+        return machine.short(5, "a section header")
+    rb = machine.rb
+    (section_id,) = _SECTION_SHORT.unpack_from(rb.data, rb.pos + 1)
+    item_type = rb.data[rb.pos]
+    section = machine.sections.get(section_id)
+    kind = "section-part" if item_type == _SECTION_PART else "section-end"
+    start = machine.item_start
+    spans = (("item_type", start, 1), ("section_id", start + 1, 4))
+    if section is None:
+        machine.current = None
+        machine.record(kind, start, start + 5, spans, section_id=section_id)
+        machine.emit(findings.make(
+            "unknown-section", f"{kind} for section id {section_id}, never started",
+            start, length=5, fields={"section_id": section_id}))
+        rb.pos += 5
+        machine.enter_resync(rb.offset)
+        return None
+    machine.current = section
+    machine.record(kind, start, start + 5, spans, section_id=section_id, idstr=section.idstr)
+    rb.pos += 5
+    machine.phase("iteration" if item_type == _SECTION_PART else "completion", start)
+    machine.begin_payload(section, item_type)
+    return None
+
+
+def read_stray_footer(machine: FramingMachine) -> NeedMore | None:
+    # A footer where an item is expected: a section ended twice, or garbage.
+    if machine.available() < 5:
+        return machine.short(5, "a section footer")
+    rb = machine.rb
+    start = machine.item_start
+    section_id = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
+    machine.record("footer", start, start + 5,
+                   (("item_type", start, 1), ("section_id", start + 1, 4)),
+                   section_id=section_id)
+    machine.emit(findings.make(
+        "footer-mismatch", f"section footer for id {section_id} outside any section",
+        start, length=5, fields={"footer_section_id": section_id}))
+    rb.pos += 5
+    return None
+
+
+def read_command(machine: FramingMachine) -> NeedMore | None:
+    if machine.available() < 5:
+        return machine.short(5, "a command")
+    rb = machine.rb
+    head = g.CommandHeader.parse(rb.peek(4, 1))
+    command, length = head.command, head.length
+    size = 5 + length
+    if machine.available() < size:
+        return machine.short(size, "a command")
+    body = g.CommandBody.parse(rb.peek(size - 1, 1))
+    try:
+        name = g.Command(command).name
+    except ValueError:
+        name = f"UNKNOWN({command})"
+    fields: dict[str, Any] = {"command": name, "command_number": command, "length": length}
+    start = machine.item_start
+    spans: tuple[tuple[str, int, int], ...] = (
+        ("item_type", start, 1), ("command", start + 1, 2), ("length", start + 3, 2))
+    rb.pos += size
+    end = start + size
+    if command == g.Command.PACKAGED:
+        if length != 4:
+            machine.record("command", start, end, spans, **fields)
+            machine.emit(findings.make(
+                "bad-command", f"PACKAGED with a {length}-byte argument, not 4",
+                start, length=size,
+                fields={"command": name, "length": length, "expected": 4}))
+            return None
+        inner = g.PackagedLength.parse(body.data)
+        fields["packaged_length"] = inner
+        machine.record("command", start, end, (*spans, ("packaged_length", start + 5, 4)),
+                       **fields)
+        if inner > g.MAX_PACKAGED_SIZE or machine.depth:
+            machine.emit(findings.make(
+                "bad-packaged",
+                f"PACKAGED of {inner} bytes (QEMU accepts at most {g.MAX_PACKAGED_SIZE}, "
+                "not nested)", start, length=size,
+                fields={"packaged_length": inner, "limit": g.MAX_PACKAGED_SIZE,
+                        "nested": bool(machine.depth)}))
+            machine.enter_resync(end)
+            return None
+        machine.package_end = end + inner
+        machine.depth = 1
+        return None
+    if command == g.Command.PING and length == 4:
+        fields["value"] = g.PingValue.parse(body.data)
+        spans += (("value", start + 5, 4),)
+    elif command == g.Command.POSTCOPY_ADVISE and length == 16:
+        fields["remote_pagesize_summary"] = int.from_bytes(body.data[:8], "big")
+        fields["target_page_size"] = int.from_bytes(body.data[8:], "big")
+        spans += (("remote_pagesize_summary", start + 5, 8),
+                  ("target_page_size", start + 13, 8))
+    elif command == g.Command.POSTCOPY_LISTEN:
+        machine.phase("postcopy-listen", start)
+    elif command == g.Command.POSTCOPY_RUN:
+        machine.phase("postcopy-run", start)
+    if length and command not in (g.Command.PING, g.Command.POSTCOPY_ADVISE,
+                                  g.Command.POSTCOPY_RAM_DISCARD, g.Command.RECV_BITMAP):
+        if command in g.Command.__members__.values():
+            fields["data"] = body.data.hex()
+            spans += (("data", start + 5, length),)
+    machine.record("command", start, end, spans, **fields)
+    return None
+
+
+ITEM_READERS: dict[int, ItemReader] = {
+    g.ItemType.EOF: read_eof,
+    g.ItemType.SECTION_START: read_section_header_full,
+    g.ItemType.SECTION_FULL: read_section_header_full,
+    g.ItemType.SECTION_PART: read_section_header_short,
+    g.ItemType.SECTION_END: read_section_header_short,
+    g.ItemType.CONFIGURATION: read_configuration,
+    g.ItemType.COMMAND: read_command,
+    g.ItemType.SECTION_FOOTER: read_stray_footer,
+    g.ItemType.VMDESCRIPTION: read_vmdescription,
+}
+
+
