@@ -21,7 +21,7 @@ from migshark.analyzer.decode.state import State
 from migshark.analyzer.decoder import StreamDecoder, decode_bytes
 from migshark.analyzer.records import Finding, Record
 from migshark.dissectors import grammar as g
-from tests import synthetic
+from testkit import synthetic
 
 CAPTURES = Path(__file__).resolve().parent.parent / "captures"
 BUNDLED_STREAMS = sorted(CAPTURES.glob("*/*.bin"))

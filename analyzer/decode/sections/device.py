@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from migshark.analyzer import findings
 from migshark.analyzer.decode.resync import plausible_next_item
-from migshark.analyzer.decode.sections import SectionDissector, register_fallback
+from migshark.analyzer.decode.sections.base import SectionDissector, register_fallback
 from migshark.analyzer.vmstate import (
     VmstateIncomplete,
     VmstateInvalid,

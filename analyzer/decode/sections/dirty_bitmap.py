@@ -30,7 +30,7 @@ from construct import ConstructError
 from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.resync import printable
-from migshark.analyzer.decode.sections import SectionDissector, register
+from migshark.analyzer.decode.sections.base import SectionDissector, register
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:

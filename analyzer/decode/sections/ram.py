@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from migshark.analyzer import findings, speedups
 from migshark.analyzer.decode.resync import plausible_name_at
-from migshark.analyzer.decode.sections import SectionDissector, register
+from migshark.analyzer.decode.sections.base import SectionDissector, register
 from migshark.analyzer.records import Record
 from migshark.dissectors import grammar as g
 
