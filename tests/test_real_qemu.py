@@ -21,7 +21,7 @@ from migshark.analyzer.cli import main as cli_main
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.records import Finding, Record, Severity
 from testkit.paths import CAPTURES
-from testkit.require import require_root, require_tools
+from testkit.require import require_qemu, require_root, require_tools
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))
@@ -138,22 +138,68 @@ def test_cut_capture_file_is_reported_not_crashed(tmp_path):
         assert ("truncated" in codes) == (code == 1), cut
 
 
-FRESH = ["precopy", "postcopy", "mapping", "flags", "exec"]
+FRESH = ["precopy", "postcopy", "postcopy-1node", "mapping", "flags", "exec"]
+
+# (source, destination, machine type of both): across versions both sides must run the
+# older machine type, since each QEMU refuses a stream whose machine type is not its own
+PEERS = {
+    "7.2-7.2": ("7.2", "7.2", None),
+    "10.0-10.0": ("10.0", "10.0", None),
+    "10.0-7.2": ("10.0", "7.2", "pc-i440fx-7.2"),
+    "7.2-10.0": ("7.2", "10.0", "pc-i440fx-7.2"),
+}
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("peers", PEERS)
 @pytest.mark.parametrize("preset", FRESH)
-def test_fresh_migration_matches_qemu(preset, tmp_path):
-    require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
+def test_fresh_migration_matches_qemu(preset, peers, tmp_path):
+    require_tools("tcpdump")
     require_root()
     from testkit.realqemu.harness import PRESETS, run_migration
 
-    result = run_migration(PRESETS[preset], tmp_path)
+    source_version, dest_version, machine = PEERS[peers]
+    source, dest = require_qemu(source_version), require_qemu(dest_version)
+    result = run_migration(PRESETS[preset], tmp_path, source=source, dest=dest,
+                           machine=machine)
     truth = result.ground_truth
+    # the builds asked for are the ones that ran, with the machine type asked for
+    assert truth["qemu_version"].startswith(source_version + ".")
+    assert truth["dest_qemu_version"].startswith(dest_version + ".")
+    assert truth["machine_type"] == (machine or f"pc-i440fx-{source_version}")
     inputs = [p for p in (result.pcap, result.pcapng, result.raw) if p is not None]
     assert inputs
     for path in inputs:
         assert_matches_qemu(path, truth)
-    if truth["mode"] == "precopy":
+    if truth["mode"] == "precopy" or preset == "postcopy-1node":
         # The destination QEMU agrees with the source: the stream carried the truth.
+        assert truth["dest_outcome"] == "completed"
         assert all(b["dest_sha256"] == b["sha256"] for b in truth["bitmaps"])
+    else:
+        # Two nodes in bitmap postcopy: 7.2 and 10.0.2 destinations abort alike.
+        assert "qemu_in_main_thread" in truth["dest_outcome"], truth["dest_outcome"]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("source_version", "dest_version"), [("10.0", "7.2"), ("7.2", "10.0")])
+def test_default_machine_type_is_refused_across_versions(source_version, dest_version,
+                                                         tmp_path):
+    """Each QEMU runs its own newest machine type by default (`pc`), and a destination
+    refuses a stream whose machine type is not its own: QEMU says why, and the stream
+    migshark decodes carries the source's machine type."""
+    require_tools("tcpdump")
+    require_root()
+    from testkit.realqemu.harness import PRESETS, run_migration
+
+    source, dest = require_qemu(source_version), require_qemu(dest_version)
+    result = run_migration(PRESETS["flags"], tmp_path, source=source, dest=dest,
+                           allow_failure=True, attempts=1)
+    truth = result.ground_truth
+    refusal = (f"Machine type received is 'pc-i440fx-{source_version}' "
+               f"and local is 'pc-i440fx-{dest_version}'")
+    assert refusal in truth["dest_outcome"], truth["dest_outcome"]
+    assert truth["source_outcome"] == "failed"
+    assert all(b["dest_sha256"] is None for b in truth["bitmaps"])
+    assert result.pcap is not None
+    report = analyze_path(result.pcap, AnalysisOptions(port=truth["port"])).as_json()
+    assert report["machine_type"] == f"pc-i440fx-{source_version}"

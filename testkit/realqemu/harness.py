@@ -124,6 +124,9 @@ SNAPLEN = 262144
 # them, and a burst of 64 KiB loopback frames overflows it (seen: "dropped by kernel").
 CAPTURE_BUFFER_KIB = 64 * 1024
 
+# Seen: a qemu-io write of 8 MiB took over 1 s on the 2-core machine under load
+QMP_COMMAND_TIMEOUT = 20.0
+
 POSTCOPY_MAX_BANDWIDTH = 1 * MiB  # bytes/s
 POSTCOPY_DOWNTIME_LIMIT_MS = 1
 
@@ -499,6 +502,9 @@ class _Qemu:
                 raise HarnessError(f"{self.role} QEMU exited at start: {self.log_tail()}")
             try:
                 self.qmp = QMPClient.connect(self.sock, timeout=min(1.0, timeout))
+                # the short timeout is for polling the socket into existence; a command
+                # (qemu-io writing megabytes on a loaded machine) may take seconds
+                self.qmp.timeout = QMP_COMMAND_TIMEOUT
                 return self.qmp
             except (QMPTimeout, QMPClosed) as err:
                 if time.monotonic() >= deadline:
