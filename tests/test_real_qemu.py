@@ -67,6 +67,25 @@ def test_bundled_captures_match_qemu(truth_file):
 def test_bundled_captures_exist():
     scenarios = {json.loads(p.read_text())["scenario"] for p in TRUTH_FILES}
     assert {"precopy", "postcopy", "mapping", "flags", "exec"} <= scenarios
+    versions = {json.loads(p.read_text())["qemu_version"].split(".")[0] for p in TRUTH_FILES}
+    assert versions == {"7", "10"}
+
+
+def test_bundled_qemu10_capture_has_its_newer_stream():
+    """QEMU 10.0 on its own machine type: SWITCHOVER_START before the postcopy package,
+    decoded without a finding (assert_matches_qemu, via the bundled-captures test)."""
+    truth = json.loads((REAL / "qemu10-postcopy-1node.json").read_text())
+    assert truth["machine_type"] == "pc-i440fx-10.0"
+    from testkit.realqemu.harness import read_tcp_flow
+
+    data = read_tcp_flow(REAL / truth["files"]["pcap"], truth["port"]).to_server
+    decoder = StreamDecoder()
+    events = decoder.feed(data) + decoder.finish()
+    commands = [e.fields["command"] for e in events
+                if isinstance(e, Record) and e.kind == "command"]
+    assert commands == ["POSTCOPY_ADVISE", "SWITCHOVER_START", "PACKAGED", "POSTCOPY_LISTEN",
+                        "POSTCOPY_RUN"]
+    assert not [e for e in events if isinstance(e, Finding) and e.severity > Severity.NOTE]
 
 
 def _signature(events: list) -> list:
@@ -150,6 +169,19 @@ PEERS = {
 }
 
 
+def _commands(result) -> list[str]:
+    """The QEMU_VM_COMMAND records of a harness run's migration stream, in order."""
+    from testkit.realqemu.harness import read_tcp_flow
+
+    if result.raw is not None:
+        data = result.raw.read_bytes()
+    else:
+        data = read_tcp_flow(result.pcap, result.port).to_server
+    decoder = StreamDecoder()
+    events = decoder.feed(data) + decoder.finish()
+    return [e.fields["command"] for e in events if isinstance(e, Record) and e.kind == "command"]
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("peers", PEERS)
 @pytest.mark.parametrize("preset", FRESH)
@@ -171,6 +203,10 @@ def test_fresh_migration_matches_qemu(preset, peers, tmp_path):
     assert inputs
     for path in inputs:
         assert_matches_qemu(path, truth)
+    # QEMU 10.0 announces the switchover (MIG_CMD_SWITCHOVER_START) on its own machine
+    # types only: pc-i440fx-7.2 keeps the 7.2 stream, which a 7.2 destination expects
+    sends_switchover_start = truth["machine_type"] == "pc-i440fx-10.0"
+    assert ("SWITCHOVER_START" in _commands(result)) == sends_switchover_start
     if truth["mode"] == "precopy" or preset == "postcopy-1node":
         # The destination QEMU agrees with the source: the stream carried the truth.
         assert truth["dest_outcome"] == "completed"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, require_qemu
-from tests.realqemu import harness
-from tests.realqemu.harness import QemuBuildMissing, _machine_type, _Qemu, qemu_build
+from testkit.paths import REPO_ROOT
+from testkit.realqemu import harness
+from testkit.realqemu.harness import QemuBuildMissing, _machine_type, _Qemu, qemu_build
+from testkit.require import require_qemu
 
 
 @pytest.fixture
