@@ -2,8 +2,9 @@
 
 Two sources of real streams: the bundled captures in captures/real/ (made by
 captures/make_real_captures.py, ground truth recorded from QEMU at the time), and
-fresh migrations run here by testkit/realqemu/harness.py. Ground truth always comes
-from QEMU's QMP (x-debug-block-dirty-bitmap-sha256, query-block), never from us.
+fresh migrations run here by testkit/realqemu/harness.py, between the system's QEMU 7.2
+and the QEMU 10.0 of scripts/install-qemu10 in all four directions. Ground truth always
+comes from QEMU's QMP (x-debug-block-dirty-bitmap-sha256, query-block), never from us.
 """
 
 from __future__ import annotations
