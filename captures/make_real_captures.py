@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT = REPO_ROOT / "captures" / "real"
@@ -46,7 +47,7 @@ def file_prefix(version: str) -> str:
 
 
 def make(name: str, out: Path, build: QemuBuild, *, memory_mib: int | None = None,
-         pcap_only: bool = False) -> dict[str, object]:
+         pcap_only: bool = False) -> dict[str, Any]:
     scenario = PRESETS[name]
     if memory_mib is not None:
         scenario = dataclasses.replace(scenario, memory_mib=memory_mib)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         truth = make(name, args.out, build, memory_mib=args.memory, pcap_only=args.pcap_only)
-        files = [f for f in truth["files"].values() if f]  # type: ignore[union-attr]
+        files = [f for f in truth["files"].values() if f]
         sizes = ", ".join(f"{f} {(args.out / f).stat().st_size:,} B" for f in files)
         print(f"{name}: dest {truth['dest_outcome']}; {sizes}")
     return 0

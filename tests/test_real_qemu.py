@@ -14,6 +14,7 @@ import json
 import random
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +24,9 @@ from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.records import Finding, Record, Severity
 from testkit.paths import CAPTURES
 from testkit.require import require_qemu, require_root, require_tools
+
+if TYPE_CHECKING:
+    from tests.realqemu.harness import MigrationResult
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))
@@ -72,7 +76,7 @@ def test_bundled_captures_exist():
     assert versions == {"7", "10"}
 
 
-def test_bundled_qemu10_capture_has_its_newer_stream():
+def test_bundled_qemu10_capture_has_its_newer_stream() -> None:
     """QEMU 10.0 on its own machine type: SWITCHOVER_START before the postcopy package,
     decoded without a finding (assert_matches_qemu, via the bundled-captures test)."""
     truth = json.loads((REAL / "qemu10-postcopy-1node.json").read_text())
@@ -170,13 +174,14 @@ PEERS = {
 }
 
 
-def _commands(result) -> list[str]:
+def _commands(result: MigrationResult) -> list[str]:
     """The QEMU_VM_COMMAND records of a harness run's migration stream, in order."""
     from testkit.realqemu.harness import read_tcp_flow
 
     if result.raw is not None:
         data = result.raw.read_bytes()
     else:
+        assert result.pcap is not None and result.port is not None
         data = read_tcp_flow(result.pcap, result.port).to_server
     decoder = StreamDecoder()
     events = decoder.feed(data) + decoder.finish()
@@ -186,7 +191,7 @@ def _commands(result) -> list[str]:
 @pytest.mark.qemu
 @pytest.mark.parametrize("peers", PEERS)
 @pytest.mark.parametrize("preset", FRESH)
-def test_fresh_migration_matches_qemu(preset, peers, tmp_path):
+def test_fresh_migration_matches_qemu(preset: str, peers: str, tmp_path: Path) -> None:
     require_tools("tcpdump")
     require_root()
     from testkit.realqemu.harness import PRESETS, run_migration
@@ -219,8 +224,9 @@ def test_fresh_migration_matches_qemu(preset, peers, tmp_path):
 
 @pytest.mark.qemu
 @pytest.mark.parametrize(("source_version", "dest_version"), [("10.0", "7.2"), ("7.2", "10.0")])
-def test_default_machine_type_is_refused_across_versions(source_version, dest_version,
-                                                         tmp_path):
+def test_default_machine_type_is_refused_across_versions(
+    source_version: str, dest_version: str, tmp_path: Path
+) -> None:
     """Each QEMU runs its own newest machine type by default (`pc`), and a destination
     refuses a stream whose machine type is not its own: QEMU says why, and the stream
     migshark decodes carries the source's machine type."""
