@@ -26,7 +26,7 @@ from testkit.paths import CAPTURES
 from testkit.require import require_qemu, require_root, require_tools
 
 if TYPE_CHECKING:
-    from tests.realqemu.harness import MigrationResult
+    from testkit.realqemu.harness import MigrationResult
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))

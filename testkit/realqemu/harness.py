@@ -5,7 +5,7 @@ through QMP, what the bitmaps in them really are.
 
 API
 ---
-    from tests.realqemu.harness import PRESETS, run_migration
+    from testkit.realqemu.harness import PRESETS, run_migration
 
     result = run_migration(PRESETS["precopy"], workdir)   # workdir: created if missing
     result.pcap          # Path of the loopback capture (tcp transport, capture=True)
