@@ -1,15 +1,20 @@
 """Skip or fail a test whose real-world dependency (QEMU, tcpdump, root...) is missing.
 
-Locally a missing tool skips with a reason; CI sets MIGSHARK_REQUIRE_REAL=1 so that
-the same situation fails instead of silently passing.
+Locally a missing tool (or QEMU build: `require_qemu("10.0")`) skips with a reason; CI
+sets MIGSHARK_REQUIRE_REAL=1 so that the same situation fails instead of silently
+passing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from testkit.realqemu.harness import QemuBuild
 
 
 def real_tools_required() -> bool:
@@ -32,3 +37,15 @@ def require_tools(*names: str) -> None:
 
 def require_root() -> None:
     require(os.geteuid() == 0, "needs root (packet capture)")
+
+
+def require_qemu(version: str) -> QemuBuild:
+    """The QEMU build `version` ("7.2", "10.0") of testkit/realqemu/harness.py; a missing
+    build skips locally and fails under MIGSHARK_REQUIRE_REAL, like a missing tool."""
+    from testkit.realqemu.harness import QemuBuildMissing, qemu_build
+
+    try:
+        return qemu_build(version)
+    except QemuBuildMissing as err:
+        require(False, str(err))
+        raise AssertionError("unreachable: require() skips or fails") from err

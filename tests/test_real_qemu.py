@@ -2,8 +2,9 @@
 
 Two sources of real streams: the bundled captures in captures/real/ (made by
 captures/make_real_captures.py, ground truth recorded from QEMU at the time), and
-fresh migrations run here by testkit/realqemu/harness.py. Ground truth always comes
-from QEMU's QMP (x-debug-block-dirty-bitmap-sha256, query-block), never from us.
+fresh migrations run here by testkit/realqemu/harness.py, between the system's QEMU 7.2
+and the QEMU 10.0 of scripts/install-qemu10 in all four directions. Ground truth always
+comes from QEMU's QMP (x-debug-block-dirty-bitmap-sha256, query-block), never from us.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import random
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,7 +23,10 @@ from migshark.analyzer.cli import main as cli_main
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.records import Finding, Record, Severity
 from testkit.paths import CAPTURES
-from testkit.require import require_root, require_tools
+from testkit.require import require_qemu, require_root, require_tools
+
+if TYPE_CHECKING:
+    from testkit.realqemu.harness import MigrationResult
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))
@@ -67,6 +72,25 @@ def test_bundled_captures_match_qemu(truth_file):
 def test_bundled_captures_exist():
     scenarios = {json.loads(p.read_text())["scenario"] for p in TRUTH_FILES}
     assert {"precopy", "postcopy", "mapping", "flags", "exec"} <= scenarios
+    versions = {json.loads(p.read_text())["qemu_version"].split(".")[0] for p in TRUTH_FILES}
+    assert versions == {"7", "10"}
+
+
+def test_bundled_qemu10_capture_has_its_newer_stream() -> None:
+    """QEMU 10.0 on its own machine type: SWITCHOVER_START before the postcopy package,
+    decoded without a finding (assert_matches_qemu, via the bundled-captures test)."""
+    truth = json.loads((REAL / "qemu10-postcopy-1node.json").read_text())
+    assert truth["machine_type"] == "pc-i440fx-10.0"
+    from testkit.realqemu.harness import read_tcp_flow
+
+    data = read_tcp_flow(REAL / truth["files"]["pcap"], truth["port"]).to_server
+    decoder = StreamDecoder()
+    events = decoder.feed(data) + decoder.finish()
+    commands = [e.fields["command"] for e in events
+                if isinstance(e, Record) and e.kind == "command"]
+    assert commands == ["POSTCOPY_ADVISE", "SWITCHOVER_START", "PACKAGED", "POSTCOPY_LISTEN",
+                        "POSTCOPY_RUN"]
+    assert not [e for e in events if isinstance(e, Finding) and e.severity > Severity.NOTE]
 
 
 def _signature(events: list) -> list:
@@ -138,22 +162,87 @@ def test_cut_capture_file_is_reported_not_crashed(tmp_path):
         assert ("truncated" in codes) == (code == 1), cut
 
 
-FRESH = ["precopy", "postcopy", "mapping", "flags", "exec"]
+FRESH = ["precopy", "postcopy", "postcopy-1node", "mapping", "flags", "exec"]
+
+# (source, destination, machine type of both): across versions both sides must run the
+# older machine type, since each QEMU refuses a stream whose machine type is not its own
+PEERS = {
+    "7.2-7.2": ("7.2", "7.2", None),
+    "10.0-10.0": ("10.0", "10.0", None),
+    "10.0-7.2": ("10.0", "7.2", "pc-i440fx-7.2"),
+    "7.2-10.0": ("7.2", "10.0", "pc-i440fx-7.2"),
+}
+
+
+def _commands(result: MigrationResult) -> list[str]:
+    """The QEMU_VM_COMMAND records of a harness run's migration stream, in order."""
+    from testkit.realqemu.harness import read_tcp_flow
+
+    if result.raw is not None:
+        data = result.raw.read_bytes()
+    else:
+        assert result.pcap is not None and result.port is not None
+        data = read_tcp_flow(result.pcap, result.port).to_server
+    decoder = StreamDecoder()
+    events = decoder.feed(data) + decoder.finish()
+    return [e.fields["command"] for e in events if isinstance(e, Record) and e.kind == "command"]
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("peers", PEERS)
 @pytest.mark.parametrize("preset", FRESH)
-def test_fresh_migration_matches_qemu(preset, tmp_path):
-    require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
+def test_fresh_migration_matches_qemu(preset: str, peers: str, tmp_path: Path) -> None:
+    require_tools("tcpdump")
     require_root()
     from testkit.realqemu.harness import PRESETS, run_migration
 
-    result = run_migration(PRESETS[preset], tmp_path)
+    source_version, dest_version, machine = PEERS[peers]
+    source, dest = require_qemu(source_version), require_qemu(dest_version)
+    result = run_migration(PRESETS[preset], tmp_path, source=source, dest=dest,
+                           machine=machine)
     truth = result.ground_truth
+    # the builds asked for are the ones that ran, with the machine type asked for
+    assert truth["qemu_version"].startswith(source_version + ".")
+    assert truth["dest_qemu_version"].startswith(dest_version + ".")
+    assert truth["machine_type"] == (machine or f"pc-i440fx-{source_version}")
     inputs = [p for p in (result.pcap, result.pcapng, result.raw) if p is not None]
     assert inputs
     for path in inputs:
         assert_matches_qemu(path, truth)
-    if truth["mode"] == "precopy":
+    # QEMU 10.0 announces the switchover (MIG_CMD_SWITCHOVER_START) on its own machine
+    # types only: pc-i440fx-7.2 keeps the 7.2 stream, which a 7.2 destination expects
+    sends_switchover_start = truth["machine_type"] == "pc-i440fx-10.0"
+    assert ("SWITCHOVER_START" in _commands(result)) == sends_switchover_start
+    if truth["mode"] == "precopy" or preset == "postcopy-1node":
         # The destination QEMU agrees with the source: the stream carried the truth.
+        assert truth["dest_outcome"] == "completed"
         assert all(b["dest_sha256"] == b["sha256"] for b in truth["bitmaps"])
+    else:
+        # Two nodes in bitmap postcopy: 7.2 and 10.0.2 destinations abort alike.
+        assert "qemu_in_main_thread" in truth["dest_outcome"], truth["dest_outcome"]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("source_version", "dest_version"), [("10.0", "7.2"), ("7.2", "10.0")])
+def test_default_machine_type_is_refused_across_versions(
+    source_version: str, dest_version: str, tmp_path: Path
+) -> None:
+    """Each QEMU runs its own newest machine type by default (`pc`), and a destination
+    refuses a stream whose machine type is not its own: QEMU says why, and the stream
+    migshark decodes carries the source's machine type."""
+    require_tools("tcpdump")
+    require_root()
+    from testkit.realqemu.harness import PRESETS, run_migration
+
+    source, dest = require_qemu(source_version), require_qemu(dest_version)
+    result = run_migration(PRESETS["flags"], tmp_path, source=source, dest=dest,
+                           allow_failure=True, attempts=1)
+    truth = result.ground_truth
+    refusal = (f"Machine type received is 'pc-i440fx-{source_version}' "
+               f"and local is 'pc-i440fx-{dest_version}'")
+    assert refusal in truth["dest_outcome"], truth["dest_outcome"]
+    assert truth["source_outcome"] == "failed"
+    assert all(b["dest_sha256"] is None for b in truth["bitmaps"])
+    assert result.pcap is not None
+    report = analyze_path(result.pcap, AnalysisOptions(port=truth["port"])).as_json()
+    assert report["machine_type"] == f"pc-i440fx-{source_version}"

@@ -5,7 +5,7 @@ through QMP, what the bitmaps in them really are.
 
 API
 ---
-    from tests.realqemu.harness import PRESETS, run_migration
+    from testkit.realqemu.harness import PRESETS, run_migration
 
     result = run_migration(PRESETS["precopy"], workdir)   # workdir: created if missing
     result.pcap          # Path of the loopback capture (tcp transport, capture=True)
@@ -25,9 +25,20 @@ hangs. Capturing needs root and tcpdump; `capture=False` runs the tcp transport 
 them. Output files are `<scenario>.pcap`, `.pcapng`, `.bin` in `workdir`; the disk
 images (sparse, up to a few hundred MB) also go there.
 
+QEMU builds: `qemu_builds()` finds the system's QEMU (7.2, on PATH) and the QEMU 10.0
+that scripts/install-qemu10 unpacks into `$MIGSHARK_QEMU10_DIR` (default
+/var/cache/migshark/qemu-10.0; it runs with `-L` on its own data and SeaBIOS folders);
+`qemu_build("10.0")` raises `QemuBuildMissing` when it is absent.
+`run_migration(..., source=qemu_build("10.0"), dest=qemu_build("7.2"),
+machine="pc-i440fx-7.2")` migrates across versions: each side runs its own binary and
+makes its disk images with its own qemu-img. Both directions need the older machine
+type on both sides: a 7.2 destination refuses pc-i440fx-10.0, and a 10.0 destination
+started with its default (`pc` = pc-i440fx-10.0) refuses a pc-i440fx-7.2 stream.
+
 Ground truth (`result.ground_truth`)::
 
-    {"scenario": str, "qemu_version": str, "mode": "precopy"|"postcopy",
+    {"scenario": str, "qemu_version": str,   # the source's; "dest_qemu_version" too
+     "mode": "precopy"|"postcopy",
      "transport": "tcp"|"exec", "port": int|None, "machine_type": str,
      "source_outcome": str,     # final query-migrate status on the source
      "dest_outcome": str,       # "completed", or what happened to the destination
@@ -99,6 +110,12 @@ QEMU_BASE_ARGS = [
     "-machine", MACHINE, "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64", "-S",
 ]  # fmt: skip
 
+# Where scripts/install-qemu10 unpacks QEMU 10.0 (outside the clone, so CI reuses it)
+QEMU10_DIR_ENV = "MIGSHARK_QEMU10_DIR"
+QEMU10_DEFAULT_DIR = Path("/var/cache/migshark/qemu-10.0")
+QEMU72 = "7.2"
+QEMU10 = "10.0"
+
 # Loopback frames reach 65549 bytes with GSO; tcpdump's default snaplen (262144) keeps
 # them whole. Spelled out so nobody "optimises" it to 65535 and loses stream bytes.
 SNAPLEN = 262144
@@ -106,6 +123,9 @@ SNAPLEN = 262144
 # The kernel ring holds buffer/snaplen frames: tcpdump's default 2 MiB is only ~8 of
 # them, and a burst of 64 KiB loopback frames overflows it (seen: "dropped by kernel").
 CAPTURE_BUFFER_KIB = 64 * 1024
+
+# Seen: a qemu-io write of 8 MiB took over 1 s on the 2-core machine under load
+QMP_COMMAND_TIMEOUT = 20.0
 
 POSTCOPY_MAX_BANDWIDTH = 1 * MiB  # bytes/s
 POSTCOPY_DOWNTIME_LIMIT_MS = 1
@@ -120,6 +140,98 @@ TERMINAL_STATES = {"completed", "failed", "cancelled", "postcopy-paused"}
 
 class HarnessError(RuntimeError):
     """The migration or the capture did not go as the scenario requires."""
+
+
+class QemuBuildMissing(HarnessError):
+    """The QEMU build a test asks for is not on this machine."""
+
+
+# -- QEMU builds -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuBuild:
+    """One QEMU the harness can run: the system's (7.2) or one unpacked beside it."""
+
+    version: str  # major.minor, the key of `qemu_builds()`
+    full_version: str  # as `--version` prints it, e.g. "10.0.2 (Debian 1:10.0.2+ds-...)"
+    system: str  # qemu-system-x86_64
+    img: str  # the qemu-img of the same build: images made by the QEMU that opens them
+    firmware: tuple[str, ...] = ()  # -L folders, searched before the built-in ones
+
+    def command(self) -> list[str]:
+        args = [self.system]
+        for folder in self.firmware:
+            args += ["-L", folder]
+        return args
+
+
+def _probe(system: str, img: str, firmware: tuple[str, ...]) -> QemuBuild | None:
+    args = [system, *(a for f in firmware for a in ("-L", f)), "--version"]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)"
+    first = out.splitlines()[0] if out else ""
+    prefix = "QEMU emulator version "
+    if not first.startswith(prefix):
+        return None
+    full = first[len(prefix):].strip()
+    major_minor = ".".join(full.split()[0].split(".")[:2])
+    return QemuBuild(major_minor, full, system, img, firmware)
+
+
+_BUILDS: dict[str, QemuBuild] | None = None
+
+
+def qemu_builds() -> dict[str, QemuBuild]:
+    """Every QEMU build found here, by major.minor: the system's from PATH, and the one
+    scripts/install-qemu10 unpacked (`$MIGSHARK_QEMU10_DIR`, default
+    /var/cache/migshark/qemu-10.0). Probed once per process."""
+    global _BUILDS
+    if _BUILDS is None:
+        found: dict[str, QemuBuild] = {}
+        system, img = shutil.which(QEMU), shutil.which("qemu-img")
+        if system and img:
+            build = _probe(system, img, ())
+            if build is not None:
+                found[build.version] = build
+        root = Path(os.environ.get(QEMU10_DIR_ENV) or QEMU10_DEFAULT_DIR)
+        unpacked_system = root / "usr" / "bin" / QEMU
+        unpacked_img = root / "usr" / "bin" / "qemu-img"
+        if unpacked_system.is_file() and unpacked_img.is_file():
+            # its own data files first, then its own SeaBIOS (newer than bookworm's)
+            firmware = tuple(str(root / "usr" / "share" / d) for d in ("qemu", "seabios")
+                             if (root / "usr" / "share" / d).is_dir())
+            build = _probe(str(unpacked_system), str(unpacked_img), firmware)
+            if build is not None:
+                found.setdefault(build.version, build)
+        _BUILDS = found
+    return _BUILDS
+
+
+def qemu_build(version: str) -> QemuBuild:
+    """The build of `version` ("7.2", "10.0"), or QemuBuildMissing saying how to get it."""
+    builds = qemu_builds()
+    if version in builds:
+        return builds[version]
+    have = ", ".join(f"{b.version} ({b.system})" for b in builds.values()) or "none"
+    hint = ""
+    if version == QEMU10:
+        where = os.environ.get(QEMU10_DIR_ENV) or QEMU10_DEFAULT_DIR
+        hint = f"; run scripts/install-qemu10 as root (unpacks it into {where})"
+    raise QemuBuildMissing(f"QEMU {version} not found (found: {have}){hint}")
+
+
+def system_qemu() -> QemuBuild:
+    """The QEMU on PATH (Debian's 7.2 here), whatever its version."""
+    system = shutil.which(QEMU)
+    builds = qemu_builds()
+    for build in builds.values():
+        if build.system == system:
+            return build
+    raise QemuBuildMissing(f"{QEMU} not found or does not run")
 
 
 @dataclass(frozen=True)
@@ -149,6 +261,9 @@ class MigrationScenario:
     mode: Literal["precopy", "postcopy"] = "precopy"
     transport: Literal["tcp", "exec"] = "tcp"
     description: str = ""
+    # guest RAM: nearly all zero pages, yet ~5.5 KB of stream per MiB (the RAM section
+    # dominates postcopy captures); a smaller guest makes a smaller capture
+    memory_mib: int = 64
 
     @property
     def uses_mapping(self) -> bool:
@@ -354,12 +469,26 @@ def free_port() -> int:
 
 
 class _Qemu:
-    def __init__(self, role: str, workdir: Path, drives: list[str], extra: list[str]) -> None:
+    def __init__(
+        self,
+        role: str,
+        workdir: Path,
+        drives: list[str],
+        extra: list[str],
+        *,
+        build: QemuBuild | None = None,
+        machine: str = MACHINE,
+        memory_mib: int = 64,
+    ) -> None:
         self.role = role
         self.sock = workdir / f"{role}.qmp"
         self.log = workdir / f"{role}.log"
         self.sock.unlink(missing_ok=True)
-        args = [QEMU, *QEMU_BASE_ARGS, "-qmp", f"unix:{self.sock},server=on,wait=off"]
+        base = list(QEMU_BASE_ARGS)
+        base[base.index("-machine") + 1] = machine
+        base[base.index("-m") + 1] = str(memory_mib)
+        command = build.command() if build is not None else [QEMU]
+        args = [*command, *base, "-qmp", f"unix:{self.sock},server=on,wait=off"]
         for d in drives:
             args += ["-drive", d]
         args += extra
@@ -378,6 +507,9 @@ class _Qemu:
                 raise HarnessError(f"{self.role} QEMU exited at start: {self.log_tail()}")
             try:
                 self.qmp = QMPClient.connect(self.sock, timeout=min(1.0, timeout))
+                # the short timeout is for polling the socket into existence; a command
+                # (qemu-io writing megabytes on a loaded machine) may take seconds
+                self.qmp.timeout = QMP_COMMAND_TIMEOUT
                 return self.qmp
             except (QMPTimeout, QMPClosed) as err:
                 if time.monotonic() >= deadline:
@@ -477,13 +609,15 @@ def _mapping(scenario: MigrationScenario, dest: bool) -> list[dict[str, Any]]:
     return out
 
 
-def _drive_args(scenario: MigrationScenario, workdir: Path, role: str) -> list[str]:
+def _drive_args(
+    scenario: MigrationScenario, workdir: Path, role: str, qemu_img: str = "qemu-img"
+) -> list[str]:
     args = []
     for i, drive in enumerate(scenario.drives):
         img = workdir / f"{role}-drive{i}.qcow2"
         img.unlink(missing_ok=True)
         subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(drive.size)],
+            [qemu_img, "create", "-q", "-f", "qcow2", str(img), str(drive.size)],
             check=True, timeout=30, capture_output=True,
         )  # fmt: skip
         node = drive.dest_node_name if role == "dst" and drive.dest_node_name else drive.node_name
@@ -538,11 +672,13 @@ def _qemu_version(qmp: QMPClient) -> str:
     return f"{text} ({v['package'].strip()})" if v.get("package", "").strip() else text
 
 
-def _machine_type(qmp: QMPClient) -> str:
+def _machine_type(qmp: QMPClient, machine: str = MACHINE) -> str:
+    """The versioned name of `machine` (an alias such as "pc" resolves to the build's
+    newest, e.g. pc-i440fx-10.0): what the stream's machine type record carries."""
     for m in qmp.cmd("query-machines"):
-        if m.get("alias") == MACHINE or m.get("name") == MACHINE:
+        if m.get("alias") == machine or m.get("name") == machine:
             return str(m["name"])
-    return MACHINE
+    return machine
 
 
 # -- reading the capture back -----------------------------------------------------------
@@ -655,6 +791,10 @@ def run_migration(
     incoming: str | None = None,
     via: Callable[[str], str] | None = None,
     attempts: int = 3,
+    source: QemuBuild | None = None,
+    dest: QemuBuild | None = None,
+    machine: str | None = None,
+    allow_failure: bool = False,
 ) -> MigrationResult:
     """Migrate `scenario`, again (in a fresh subdirectory) when the capture is unusable.
 
@@ -663,12 +803,20 @@ def run_migration(
     sending, the migration can finish before migrate-start-postcopy lands, and tcpdump
     can drop frames on a loaded machine. Such runs are retried; any other failure is
     raised at once.
+
+    `source` and `dest` are the QEMU builds on each side (default: the system's, 7.2);
+    `machine` is the machine type both run (default "pc", each build's newest: a 10.0
+    source needs `pc-i440fx-7.2` for a 7.2 destination to accept its stream, and a 10.0
+    destination needs it to accept a 7.2 stream). `allow_failure` returns a migration
+    that failed instead of raising, with `source_outcome` and `dest_outcome` saying how
+    (for tests of what QEMU refuses); its capture is kept but not checked for whole.
     """
     for attempt in range(1, attempts + 1):
         where = Path(workdir) if attempt == 1 else Path(workdir) / f"attempt-{attempt}"
         try:
             return _run_migration_once(scenario, where, capture=capture, timeout=timeout,
-                                       incoming=incoming, via=via)
+                                       incoming=incoming, via=via, source=source, dest=dest,
+                                       machine=machine, allow_failure=allow_failure)
         except UnusableRun:
             if attempt == attempts:
                 raise
@@ -683,6 +831,10 @@ def _run_migration_once(
     timeout: float,
     incoming: str | None,
     via: Callable[[str], str] | None,
+    source: QemuBuild | None = None,
+    dest: QemuBuild | None = None,
+    machine: str | None = None,
+    allow_failure: bool = False,
 ) -> MigrationResult:
     """Migrate `scenario` between two fresh QEMUs; see the module docstring.
 
@@ -692,12 +844,11 @@ def _run_migration_once(
     proxy in between.
     """
     scenario.validate()
-    tools = [QEMU, "qemu-img"]
-    if capture and scenario.transport == "tcp":
-        tools.append("tcpdump")
-    for tool in tools:
-        if shutil.which(tool) is None:
-            raise HarnessError(f"{tool} not found")
+    src_build = source if source is not None else system_qemu()
+    dst_build = dest if dest is not None else system_qemu()
+    machine = machine or MACHINE
+    if capture and scenario.transport == "tcp" and shutil.which("tcpdump") is None:
+        raise HarnessError("tcpdump not found")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
@@ -709,8 +860,11 @@ def _run_migration_once(
     src = dst = None
     cap: _Capture | None = None
     try:
-        src = _Qemu("src", workdir, _drive_args(scenario, workdir, "src"), [])
-        dst = _Qemu("dst", workdir, _drive_args(scenario, workdir, "dst"), ["-incoming", "defer"])
+        src = _Qemu("src", workdir, _drive_args(scenario, workdir, "src", src_build.img), [],
+                    build=src_build, machine=machine, memory_mib=scenario.memory_mib)
+        dst = _Qemu("dst", workdir, _drive_args(scenario, workdir, "dst", dst_build.img),
+                    ["-incoming", "defer"], build=dst_build, machine=machine,
+                    memory_mib=scenario.memory_mib)
         s = src.connect(left())
         d = dst.connect(left())
 
@@ -734,10 +888,12 @@ def _run_migration_once(
         truth: dict[str, Any] = {
             "scenario": scenario.name,
             "qemu_version": _qemu_version(s),
+            "dest_qemu_version": _qemu_version(d),
             "mode": scenario.mode,
             "transport": scenario.transport,
             "port": None,
-            "machine_type": _machine_type(s),
+            "machine_type": _machine_type(s, machine),
+            "memory_mib": scenario.memory_mib,
             "source_outcome": "not run",
             "dest_outcome": "not run",
             "bitmaps": entries,
@@ -759,12 +915,16 @@ def _run_migration_once(
                  "downtime-limit": POSTCOPY_DOWNTIME_LIMIT_MS},
             )  # fmt: skip
 
+        # a destination that dies in postcopy makes the source pause ("Detected IO
+        # failure for postcopy") if it notices before it has finished: both are fine,
+        # the capture check below tells whether the whole stream went out
+        ok = {"completed", "postcopy-paused"} if postcopy else {"completed"}
         if scenario.transport == "exec":
             raw = workdir / f"{scenario.name}.bin"
             raw.unlink(missing_ok=True)
             s.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(raw))}")
             status = _wait_status(s, TERMINAL_STATES, deadline, "source")
-            if status != "completed":
+            if status != "completed" and not allow_failure:
                 raise HarnessError(f"source migration ended {status!r}")
             result.raw = raw
             d.cmd("migrate-incoming", uri=f"exec:cat {shlex.quote(str(raw))}")
@@ -786,11 +946,7 @@ def _run_migration_once(
             seen = {e["data"].get("status") for e in s.all_events if e["event"] == "MIGRATION"}
             if postcopy and "postcopy-active" not in seen:
                 raise UnusableRun(f"migration ended {status!r} without entering postcopy")
-            # a destination that dies in postcopy makes the source pause ("Detected IO
-            # failure for postcopy") if it notices before it has finished: both are fine,
-            # the capture check below tells whether the whole stream went out
-            ok = {"completed", "postcopy-paused"} if postcopy else {"completed"}
-            if status not in ok:
+            if status not in ok and not allow_failure:
                 failure = UnusableRun if postcopy else HarnessError
                 raise failure(f"source migration ended {status!r}; {src.log_tail()}")
         truth["source_outcome"] = status
@@ -806,7 +962,8 @@ def _run_migration_once(
             cap = None
             _check_tcpdump_report(report)
             result.pcap = workdir / f"{scenario.name}.pcap"
-            _check_capture(result.pcap, result.port, postcopy)
+            if status in ok:
+                _check_capture(result.pcap, result.port, postcopy)
             result.pcapng = _to_pcapng(result.pcap)
 
         truth["bitmaps"] = [{k: e[k] for k in BITMAP_KEYS} for e in entries]
@@ -816,9 +973,9 @@ def _run_migration_once(
     finally:
         if cap is not None:
             cap.kill()
-        for q in (src, dst):
-            if q is not None:
-                q.stop()
+        for qemu in (src, dst):
+            if qemu is not None:
+                qemu.stop()
 
 
 def _prepare_bitmaps(s: QMPClient, scenario: MigrationScenario) -> list[dict[str, Any]]:
@@ -871,7 +1028,11 @@ def _finish_dest(dst: _Qemu, entries: list[dict[str, Any]], deadline: float) -> 
     try:
         status = _wait_status(dst.qmp, {"completed", "failed"}, deadline, "destination")
         if status != "completed":
-            return f"{status}: {dst.log_tail(2)}"
+            # QEMU's reason, e.g. "Machine type received is 'pc-i440fx-10.0' and local is
+            # 'pc-i440fx-7.2'", is in the log; query-migrate has it too on newer builds
+            desc = dst.qmp.cmd("query-migrate").get("error-desc")
+            tail = dst.log_tail(3)
+            return f"{status}: {tail}" + (f" | {desc}" if desc and desc not in tail else "")
         for e in entries:
             e["dest_sha256"] = dst.qmp.cmd(
                 "x-debug-block-dirty-bitmap-sha256", node=e["_dest_node"], name=e["real_name"]

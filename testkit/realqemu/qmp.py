@@ -161,8 +161,8 @@ class QMPClient:
             if msg.get("id") != cmd_id:
                 continue
             if "error" in msg:
-                err = msg["error"]
-                raise QMPError(command, err.get("class", "?"), err.get("desc", "?"))
+                error = msg["error"]
+                raise QMPError(command, error.get("class", "?"), error.get("desc", "?"))
             return msg.get("return")
 
     def hmp(self, command_line: str, timeout: float | None = None) -> str:
