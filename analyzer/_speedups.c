@@ -60,7 +60,10 @@ PyDoc_STRVAR(ram_walk_doc,
 enum { SCAN_STOP = 0, SCAN_GENERAL = 1, SCAN_GATHERED = 2, SCAN_DIRECT = 3, SCAN_RAM_END = 4 };
 
 #define HEADERS_LEN 48 /* Ethernet + IPv4 without options + TCP through its flags byte */
+/* The most ACK lanes one scan_lane call takes (module constant MAX_LANES: the caller
+ * passes at most this many; analyzer/fastpath.py chooses which). */
 #define MAX_LANES 64
+#define LANE_KEY_SIZE 12 /* addresses then ports, as on the wire */
 
 /* The RAM walk carried across the payloads of the data lane. */
 struct ram_walk {
@@ -148,7 +151,7 @@ PyDoc_STRVAR(scan_lane_doc,
 "scan_lane(data, off, stop, little_endian, pcapng_iface, ack_keys, ack_seqs, data_key,\n"
 "          data_seq, gather_limit, direct_min, ram)\n"
 "-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
-"    ram_out)\n\n"
+"    ram_out, records)\n\n"
 "Walk the records of an Ethernet capture from data[off:]: classic pcap records when\n"
 "pcapng_iface is -1, else pcapng EPBs of that interface (any other block ends the\n"
 "walk; record times are then the timestamp's high and low halves), while they are\n"
@@ -171,7 +174,9 @@ PyDoc_STRVAR(scan_lane_doc,
 "data[dstart:dend] (record time dsec, dfrac) is for the caller to feed after\n"
 "`gathered`; 4 the RAM walk met another record: head + data[dstart:dend] is the\n"
 "rest of the stream so far, from that record on. last is the offset of the last\n"
-"record consumed, or -1.");
+"record consumed, or -1; records is how many records were consumed.\n\n"
+"Limits (module constants): at most MAX_LANES ack lanes, keys of LANE_KEY_SIZE\n"
+"bytes; anything else raises ValueError.");
 
 static PyObject *scan_lane(PyObject *self, PyObject *args)
 {
@@ -190,15 +195,15 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     const unsigned char *data = buf.buf;
     Py_ssize_t size = buf.len;
     uint32_t seqs[MAX_LANES];
-    unsigned char keys[MAX_LANES * 12];
-    unsigned char data_key[12];
+    unsigned char keys[MAX_LANES * LANE_KEY_SIZE];
+    unsigned char data_key[LANE_KEY_SIZE];
     int have_data = 0;
-    Py_ssize_t nlanes = ackbuf.len / 12;
+    Py_ssize_t nlanes = ackbuf.len / LANE_KEY_SIZE;
     uint32_t data_seq = (uint32_t)data_seq_in;
     struct ram_walk walk;
     int ram_mode = ram_obj != Py_None;
 
-    if (ackbuf.len % 12 || nlanes > MAX_LANES || !PyTuple_Check(ack_seqs) ||
+    if (ackbuf.len % LANE_KEY_SIZE || nlanes > MAX_LANES || !PyTuple_Check(ack_seqs) ||
         PyTuple_GET_SIZE(ack_seqs) != nlanes || off < 0 || gather_limit < 0 ||
         direct_min < 1) {
         PyErr_SetString(PyExc_ValueError, "scan_lane: bad lane table or limits");
@@ -230,12 +235,12 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         Py_buffer kb;
         if (PyObject_GetBuffer(data_key_obj, &kb, PyBUF_SIMPLE) < 0)
             goto done;
-        if (kb.len != 12) {
+        if (kb.len != LANE_KEY_SIZE) {
             PyBuffer_Release(&kb);
             PyErr_SetString(PyExc_ValueError, "scan_lane: data_key must be 12 bytes");
             goto done;
         }
-        memcpy(data_key, kb.buf, 12);
+        memcpy(data_key, kb.buf, LANE_KEY_SIZE);
         PyBuffer_Release(&kb);
         have_data = 1;
     }
@@ -247,7 +252,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     unsigned char *gdst = NULL;
     uint32_t gsec = 0, gfrac = 0;
     int status = SCAN_STOP;
-    Py_ssize_t last = -1, dstart = 0, dend = 0;
+    Py_ssize_t last = -1, dstart = 0, dend = 0, records = 0;
     uint32_t dsec = 0, dfrac = 0;
 
     while (off < stop) {
@@ -299,12 +304,12 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         }
         uint32_t seq = be32(f + 38);
         const unsigned char *key = f + 26;
-        int is_data_lane = have_data && memcmp(key, data_key, 12) == 0;
+        int is_data_lane = have_data && memcmp(key, data_key, LANE_KEY_SIZE) == 0;
         int in_order = is_data_lane && seq == data_seq;
         if (!in_order) {
             Py_ssize_t i;
             for (i = 0; i < nlanes; i++)
-                if (memcmp(key, keys + 12 * i, 12) == 0)
+                if (memcmp(key, keys + LANE_KEY_SIZE * i, LANE_KEY_SIZE) == 0)
                     break;
             if (i == nlanes || seqs[i] != seq) {
                 status = SCAN_GENERAL;
@@ -324,6 +329,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         }
         Py_ssize_t n = frame_end - data_start;
         if (n == 0) { /* an in-order pure ACK: dropped, as the reassembler would */
+            records++;
             last = off;
             off = next;
             continue;
@@ -333,6 +339,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
             break;
         }
         data_seq = (uint32_t)(seq + (uint32_t)n);
+        records++;
         last = off;
         off = next;
         if (ram_mode) {
@@ -379,15 +386,15 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     if (ram_mode) {
         Py_ssize_t taken = status == SCAN_RAM_END ? walk.rel : walk.rel - walk.head_len;
         result = Py_BuildValue(
-            "innkOkknnkk(nLLnny#)", status, off, last, (unsigned long)data_seq, Py_None,
+            "innkOkknnkk(nLLnny#)n", status, off, last, (unsigned long)data_seq, Py_None,
             (unsigned long)gsec, (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
             (unsigned long)dfrac, taken, walk.pages, walk.zeros, walk.skip,
-            walk.skip_start, (const char *)walk.head, walk.head_len);
+            walk.skip_start, (const char *)walk.head, walk.head_len, records);
     } else {
-        result = Py_BuildValue("innkOkknnkkO", status, off, last, (unsigned long)data_seq,
+        result = Py_BuildValue("innkOkknnkkOn", status, off, last, (unsigned long)data_seq,
                                gathered ? gathered : Py_None, (unsigned long)gsec,
                                (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
-                               (unsigned long)dfrac, Py_None);
+                               (unsigned long)dfrac, Py_None, records);
     }
 done:
     Py_XDECREF(gathered);
@@ -476,5 +483,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MAX_LANES", MAX_LANES) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_KEY_SIZE", LANE_KEY_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "HEADERS_LEN", HEADERS_LEN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

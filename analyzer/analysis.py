@@ -307,6 +307,10 @@ class CaptureDemux:
         self._ignored: set[FlowKey] = set()
         self.on_stream_end: Callable[[MigrationStream], None] | None = None
 
+    def stream_of(self, flow: FlowKey) -> MigrationStream | None:
+        """The migration stream of `flow`, if it is one (yet)."""
+        return self._by_flow.get(flow)
+
     def segment(self, segment: Any) -> None:
         for event in self.reassembler.feed(segment):
             self._event(event)
