@@ -148,17 +148,20 @@ static PyObject *ram_walk(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(scan_lane_doc,
-"scan_lane(data, off, stop, little_endian, pcapng_iface, ack_keys, ack_seqs, data_key,\n"
-"          data_seq, gather_limit, direct_min, ram)\n"
+"scan_lane(data, off, stop, little_endian, pcapng_iface, lane_keys, lane_seqs,\n"
+"          skip_lanes, data_key, data_seq, gather_limit, direct_min, ram)\n"
 "-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
 "    ram_out, records)\n\n"
 "Walk the records of an Ethernet capture from data[off:]: classic pcap records when\n"
 "pcapng_iface is -1, else pcapng EPBs of that interface (any other block ends the\n"
 "walk; record times are then the timestamp's high and low halves), while they are\n"
 "in-order segments that analyzer.fastpath's lane takes: pure ACKs of a lane whose\n"
-"next sequence number is known (ack_keys: 12-byte keys as on the wire, addresses\n"
-"then ports, concatenated; ack_seqs: their next sequence numbers) are dropped, and\n"
-"in-order data of the one data lane (data_key, data_seq; None for none) is taken.\n\n"
+"next sequence number is known (lane_keys: LANE_KEY_SIZE-byte keys as on the wire,\n"
+"addresses then ports, concatenated; lane_seqs: a writable buffer of their next\n"
+"sequence numbers, native uint32) are dropped, in-order data of the first\n"
+"skip_lanes lanes (flows whose data nobody reads) is dropped too and advances\n"
+"their lane_seqs entry, and in-order data of the one data lane (data_key,\n"
+"data_seq; None for none) is taken.\n\n"
 "With ram None, payloads under direct_min bytes are gathered into `gathered` (bytes\n"
 "or None; gsec, gfrac: record time of the last one) and a bigger one ends the walk.\n"
 "With ram = (mask, page_size, page_continue, zero_continue, skip), the payloads are\n"
@@ -175,26 +178,26 @@ PyDoc_STRVAR(scan_lane_doc,
 "`gathered`; 4 the RAM walk met another record: head + data[dstart:dend] is the\n"
 "rest of the stream so far, from that record on. last is the offset of the last\n"
 "record consumed, or -1; records is how many records were consumed.\n\n"
-"Limits (module constants): at most MAX_LANES ack lanes, keys of LANE_KEY_SIZE\n"
-"bytes; anything else raises ValueError.");
+"Limits (module constants): at most MAX_LANES lanes, keys of LANE_KEY_SIZE bytes;\n"
+"anything else raises ValueError.");
 
 static PyObject *scan_lane(PyObject *self, PyObject *args)
 {
-    Py_buffer buf, ackbuf;
-    Py_ssize_t off, stop, gather_limit, direct_min;
+    Py_buffer buf, ackbuf, seqbuf;
+    Py_ssize_t off, stop, gather_limit, direct_min, skip_lanes;
     int little;
-    PyObject *ack_seqs, *data_key_obj, *ram_obj;
+    PyObject *data_key_obj, *ram_obj;
     unsigned long long data_seq_in;
     Py_ssize_t pcapng_iface;
-    if (!PyArg_ParseTuple(args, "y*nnpny*OOKnnO", &buf, &off, &stop, &little, &pcapng_iface,
-                          &ackbuf, &ack_seqs, &data_key_obj, &data_seq_in, &gather_limit,
-                          &direct_min, &ram_obj))
+    if (!PyArg_ParseTuple(args, "y*nnpny*w*nOKnnO", &buf, &off, &stop, &little, &pcapng_iface,
+                          &ackbuf, &seqbuf, &skip_lanes, &data_key_obj, &data_seq_in,
+                          &gather_limit, &direct_min, &ram_obj))
         return NULL;
 
     PyObject *result = NULL, *gathered = NULL;
     const unsigned char *data = buf.buf;
     Py_ssize_t size = buf.len;
-    uint32_t seqs[MAX_LANES];
+    uint32_t *seqs = seqbuf.buf;
     unsigned char keys[MAX_LANES * LANE_KEY_SIZE];
     unsigned char data_key[LANE_KEY_SIZE];
     int have_data = 0;
@@ -203,8 +206,9 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     struct ram_walk walk;
     int ram_mode = ram_obj != Py_None;
 
-    if (ackbuf.len % LANE_KEY_SIZE || nlanes > MAX_LANES || !PyTuple_Check(ack_seqs) ||
-        PyTuple_GET_SIZE(ack_seqs) != nlanes || off < 0 || gather_limit < 0 ||
+    if (ackbuf.len % LANE_KEY_SIZE || nlanes > MAX_LANES ||
+        seqbuf.len != nlanes * (Py_ssize_t)sizeof(uint32_t) || seqbuf.itemsize != 4 ||
+        skip_lanes < 0 || skip_lanes > nlanes || off < 0 || gather_limit < 0 ||
         direct_min < 1) {
         PyErr_SetString(PyExc_ValueError, "scan_lane: bad lane table or limits");
         goto done;
@@ -225,12 +229,6 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         walk.zero_continue = zero_continue;
     }
     memcpy(keys, ackbuf.buf, (size_t)ackbuf.len);
-    for (Py_ssize_t i = 0; i < nlanes; i++) {
-        unsigned long v = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(ack_seqs, i));
-        if (v == (unsigned long)-1 && PyErr_Occurred())
-            goto done;
-        seqs[i] = (uint32_t)v;
-    }
     if (data_key_obj != Py_None) {
         Py_buffer kb;
         if (PyObject_GetBuffer(data_key_obj, &kb, PyBUF_SIMPLE) < 0)
@@ -306,8 +304,8 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         const unsigned char *key = f + 26;
         int is_data_lane = have_data && memcmp(key, data_key, LANE_KEY_SIZE) == 0;
         int in_order = is_data_lane && seq == data_seq;
+        Py_ssize_t i = nlanes;
         if (!in_order) {
-            Py_ssize_t i;
             for (i = 0; i < nlanes; i++)
                 if (memcmp(key, keys + LANE_KEY_SIZE * i, LANE_KEY_SIZE) == 0)
                     break;
@@ -334,8 +332,15 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
             off = next;
             continue;
         }
-        if (!in_order) { /* data the lane does not take here */
-            status = SCAN_GENERAL;
+        if (!in_order) {
+            if (i < skip_lanes) { /* data nobody reads: only its sequence advances */
+                seqs[i] = (uint32_t)(seq + (uint32_t)n);
+                records++;
+                last = off;
+                off = next;
+                continue;
+            }
+            status = SCAN_GENERAL; /* data the lane does not take here */
             break;
         }
         data_seq = (uint32_t)(seq + (uint32_t)n);
@@ -400,6 +405,7 @@ done:
     Py_XDECREF(gathered);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&ackbuf);
+    PyBuffer_Release(&seqbuf);
     return result;
 }
 

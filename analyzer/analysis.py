@@ -311,6 +311,13 @@ class CaptureDemux:
         """The migration stream of `flow`, if it is one (yet)."""
         return self._by_flow.get(flow)
 
+    def discards(self, flow: FlowKey) -> bool:
+        """Whether in-order data of `flow` would be dropped unread: the flow was judged
+        not a migration. The capture lane then skips such data without feeding it
+        (docs/capture.md); a subclass that reads such flows (LiveDemux: the return
+        path) handles its own events and so never lets it."""
+        return flow in self._ignored and type(self)._event is CaptureDemux._event
+
     def segment(self, segment: Any) -> None:
         for event in self.reassembler.feed(segment):
             self._event(event)

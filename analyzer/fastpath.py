@@ -62,13 +62,16 @@ _DIRECT = 1 << 14  # segments at least this big are fed without copying
 _WORTHWHILE = 32
 _BACKOFF_MIN = 64
 _BACKOFF_MAX = 1 << 14
+_PYTHON_WALKS = 1 << 10  # from this window on, the prefault thread is stopped
 # Ethernet type + IPv4 version/IHL (b"\x08\x00\x45"), total length, fragment field,
 # protocol, addresses and ports as one lane key, seq, data offset, flags.
 _HEADERS = struct.Struct("!12x3sxHxxHxB2x12sI4xBB")
 _HEADERS_LEN = 14 + 20 + 14  # through the TCP flags byte
 _IPV4_NO_OPTIONS = b"\x08\x00\x45"
 
-Lane = tuple["Direction", "MigrationStream | None"]
+# A lane: the direction's reassembly state, its stream (None: not a migration, or not
+# yet), and whether its in-order data may be dropped unread (the demux discards it).
+Lane = tuple["Direction", "MigrationStream | None", bool]
 
 
 def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
@@ -91,19 +94,21 @@ def pump_capture(reader: CaptureReader, demux: CaptureDemux) -> None:
 
 class LaneTable:
     """The connections whose in-order frames the lanes take, by wire key (addresses
-    then ports as in the frame): the direction's reassembly state and its stream,
-    None for a flow that is not (yet) a migration: its in-order pure ACKs only.
+    then ports as in the frame). A lane without a stream takes in-order pure ACKs
+    only, unless the demux discards the flow's data (not a migration): then its
+    in-order data too, which only advances the reassembler's sequence.
 
-    Also chooses which of them C's ack table holds when there are more than it takes
-    (MAX_LANES): the directions of migration connections first. The choice is kept
-    until a lane comes or goes; the sequence numbers are read afresh at every call.
+    Also chooses which of them C's lane table holds when there are more than it
+    takes (MAX_LANES): the directions of migration connections first, then flows
+    whose data is discarded. The choice is kept until a lane comes, goes or
+    changes; the sequence numbers are read afresh at every call.
     """
 
     def __init__(self, demux: CaptureDemux, limit: int) -> None:
         self.demux = demux
         self.limit = limit
         self.lanes: dict[bytes, Lane] = {}
-        self._chosen: list[bytes] | None = None
+        self._chosen: tuple[list[bytes], list[bytes]] | None = None
         self._chosen_without: bytes | None = None
 
     def refresh(self, segment: TcpSegment, frame: memoryview) -> bytes | None:
@@ -113,53 +118,65 @@ class LaneTable:
             return None
         raw = bytes(frame[26:38])
         reverse = raw[4:8] + raw[:4] + raw[10:12] + raw[8:10]
-        reassembler = self.demux.reassembler
+        demux = self.demux
+        reassembler = demux.reassembler
         lanes = self.lanes
         src, sport, dst, dport = segment.src, segment.sport, segment.dst, segment.dport
         for key, d in ((raw, reassembler.direction(src, sport, dst, dport)),
                        (reverse, reassembler.direction(dst, dport, src, sport))):
-            stream = self.demux.stream_of(d.key) if d is not None else None
+            stream = demux.stream_of(d.key) if d is not None else None
             if d is None or d.done or (stream is not None and stream.closed):
                 if lanes.pop(key, None) is not None:
                     self._chosen = None
                 continue
-            # Without a stream, only in-order pure ACKs take the lane (data goes the
-            # general way: the flow may still become a migration).
+            # Without a stream, data goes the general way (the flow may still become a
+            # migration) until the demux has judged it not one.
+            skip = stream is None and demux.discards(d.key)
             old = lanes.get(key)
-            if old is None or old[0] is not d or old[1] is not stream:
-                lanes[key] = (d, stream)
+            if old is None or old[0] is not d or old[1] is not stream or old[2] != skip:
+                lanes[key] = (d, stream, skip)
                 self._chosen = None
         return raw if raw in lanes else None
 
-    def ack_table(self, data_key: bytes | None) -> tuple[bytes, tuple[int, ...]]:
-        """C's ack lanes: concatenated keys and their next sequence numbers, of the
-        lanes (but the data lane) whose in-order segments take the fast path now."""
+    def table(self, data_key: bytes | None) -> tuple[bytes, array.array[int], int,
+                                                      list[Direction]]:
+        """C's lanes but the data lane, those whose in-order segments take the fast
+        path now: (concatenated keys, their next sequence numbers, how many of the
+        first take data too (skip lanes), the skip lanes' directions)."""
         if self._chosen is None or self._chosen_without != data_key:
             self._chosen = self._choose(data_key)
             self._chosen_without = data_key
         lanes = self.lanes
         keys = []
-        seqs = []
-        for key in self._chosen:
+        seqs = array.array("I")
+        skipping: list[Direction] = []
+        chosen_skip, chosen_ack = self._chosen
+        for key in chosen_skip:
             d = lanes[key][0]
-            if not d.pending and not d.peer.pending:
+            if not d.pending and not d.peer.pending and d.next_seq >= 0:
                 keys.append(key)
                 seqs.append(d.next_seq)
-        return b"".join(keys), tuple(seqs)
+                skipping.append(d)
+        for key in chosen_ack:
+            d = lanes[key][0]
+            if not d.pending and not d.peer.pending and d.next_seq >= 0:
+                keys.append(key)
+                seqs.append(d.next_seq)
+        return b"".join(keys), seqs, len(skipping), skipping
 
-    def _choose(self, data_key: bytes | None) -> list[bytes]:
+    def _choose(self, data_key: bytes | None) -> tuple[list[bytes], list[bytes]]:
         lanes = self.lanes
         candidates = [key for key in lanes if key != data_key]
-        if len(candidates) <= self.limit:
-            return candidates
+        if len(candidates) > self.limit:
+            def rank(key: bytes) -> int:
+                reverse = lanes.get(key[4:8] + key[:4] + key[10:12] + key[8:10])
+                if lanes[key][1] is not None or (reverse is not None and reverse[1] is not None):
+                    return 0
+                return 1 if lanes[key][2] else 2
 
-        def migration(key: bytes) -> bool:
-            reverse = lanes.get(key[4:8] + key[:4] + key[10:12] + key[8:10])
-            return lanes[key][1] is not None or (reverse is not None and reverse[1] is not None)
-
-        first = [key for key in candidates if migration(key)]
-        rest = [key for key in candidates if not migration(key)]
-        return (first + rest)[:self.limit]
+            candidates = sorted(candidates, key=rank)[:self.limit]
+        return ([key for key in candidates if lanes[key][2]],
+                [key for key in candidates if not lanes[key][2]])
 
 
 class _Pump:
@@ -243,7 +260,7 @@ class _Pump:
                 lane = lanes.get(key)
                 if (lane is not None and head == _IPV4_NO_OPTIONS and proto == 6
                         and not frag & 0x1FFF and not flags & 7):
-                    d, stream = lane
+                    d, stream, skip = lane
                     if seq == d.next_seq and not d.pending and not d.peer.pending:
                         avail = size - 14
                         frame_end = size if total == 0 or total > avail or avail > 0xFFFF \
@@ -274,6 +291,10 @@ class _Pump:
                                     gathered += data[data_start:frame_end]
                                     gathered_ts = frame.timestamp
                                 gathered_for = stream
+                                continue
+                            if skip:  # data the demux would drop: only the sequence moves
+                                d.next_off += n
+                                d.next_seq = (seq + n) & _MASK
                                 continue
             # The general path, in capture order: first deliver what was gathered.
             if gathered:
@@ -315,13 +336,12 @@ class _Pump:
         last = -1  # the last record C consumed, if no general one since
         release_at = _RELEASE_STEP
         control = prefaulter.control
-        releases = prefaulter.thread is None  # else the thread releases behind us
         python_budget = 0  # records the Python lane takes before C is tried again
         backoff = 0
         while off < size:
             control[0] = off
             if off >= release_at:
-                if releases:
+                if prefaulter.thread is None:  # else the thread releases behind us
                     release_at = reader.release_behind(off)
                 else:
                     # The stop publishes our offset. Should the thread fall behind (no
@@ -349,17 +369,20 @@ class _Pump:
                 if data_lane is None or data_lane[1] is None or data_lane[0].pending \
                         or data_lane[0].peer.pending:
                     data_lane = None
-                ack_keys, ack_seqs = lanes.ack_table(data_key)
+                lane_keys, lane_seqs, skip_lanes, skipping = lanes.table(data_key)
                 ram = data_lane[1].ram_walk_state() if data_lane is not None else None  # type: ignore[union-attr]
                 (status, off, walked_last, seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,
                  ram_out, records) = native.scan_lane(
-                    view, off, stop, walker.little, interface, ack_keys, ack_seqs,
+                    view, off, stop, walker.little, interface, lane_keys, lane_seqs, skip_lanes,
                     data_key if data_lane is not None else None,
                     data_lane[0].next_seq if data_lane is not None else 0, _GATHER, _DIRECT, ram)
                 if walked_last >= 0:
                     last = walked_last
+                for skipped, skipped_to in zip(skipping, lane_seqs[:skip_lanes], strict=True):
+                    if skipped_to != skipped.next_seq:
+                        skipped.advance((skipped_to - skipped.next_seq) & _MASK)
                 if data_lane is not None and seq != data_lane[0].next_seq:
-                    d, stream = data_lane
+                    d, stream, _skip = data_lane
                     assert stream is not None
                     d.advance((seq - d.next_seq) & _MASK)
                     if ram_out is not None:
@@ -378,11 +401,15 @@ class _Pump:
                             stream.feed(view[dstart:dend], self.clock(dsec, dfrac))
             if records >= _WORTHWHILE:
                 backoff = 0
+                prefaulter.start(off)
             if status != 1:
                 continue
             if records < _WORTHWHILE:
                 backoff = min(max(_BACKOFF_MIN, 2 * backoff), _BACKOFF_MAX)
                 python_budget = backoff
+                if backoff >= _PYTHON_WALKS:
+                    prefaulter.stop()
+                    release_at = min(release_at, off + _RELEASE_STEP)
             # The record at off needs Python: truncated, a block C does not read, or not
             # a frame C's lane takes (handshake, retransmission, another flow...).
             if last >= 0:
@@ -409,27 +436,48 @@ class _Prefaulter:
     """A thread that takes the capture mapping's page faults ahead of the walk and
     unmaps what lies behind it (C, without the GIL).
 
-    Faulting a file mapping in and out costs about as much as walking it; on a
+    Faulting a file mapping in and out costs about as much as walking it in C; on a
     second core it overlaps. The walk publishes its offset in control[0]; the thread
     stays at most _PREFAULT_AHEAD bytes ahead and releases in _RELEASE_STEP steps
-    behind, so what is mapped at once (and RSS) stays bounded as without it.
+    behind, so what is mapped at once (and RSS) stays bounded as without it. While
+    the Python lane walks, the walk is far slower than the faults and the thread
+    only competes with it (for the core, and with its unmapping's TLB flushes):
+    it is stopped then, and started again when C walks.
     """
 
     def __init__(self, reader: CaptureReader) -> None:
+        self.reader = reader
         self.view: memoryview | None = reader.view
         # consumer offset, stop, how far ahead, release step, released so far
         self.control = array.array("q", [0, 0, _PREFAULT_AHEAD, _RELEASE_STEP, 0])
         self.thread: threading.Thread | None = None
 
-    def __enter__(self) -> threading.Thread | None:
+    def start(self, off: int) -> None:
+        """Run the thread from `off` on, if it is not running and the rest is worth it."""
         native = speedups.native
-        if native is not None and self.view is not None and len(self.view) > _PREFAULT_AHEAD:
-            self.thread = threading.Thread(target=native.prefault,
-                                           args=(self.view, self.control), daemon=True)
-            self.thread.start()
-        return self.thread
+        if (self.thread is not None or native is None or self.view is None
+                or len(self.view) - off <= _PREFAULT_AHEAD):
+            return
+        control = self.control
+        control[0] = off
+        control[1] = 0
+        control[4] = self.reader.released
+        self.thread = threading.Thread(target=native.prefault, args=(self.view, control),
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; what it released is the reader's to know."""
+        if self.thread is None:
+            return
+        self.control[1] = 1
+        self.thread.join()
+        self.thread = None
+        self.reader.note_released(self.control[4])
+
+    def __enter__(self) -> _Prefaulter:
+        self.start(0)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.control[1] = 1
-        if self.thread is not None:
-            self.thread.join()
+        self.stop()
