@@ -79,17 +79,26 @@ def noise_connection(index: int, frames: int, mss: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def make(path: Path, connections: int, noise_frames: int, noise_mss: int, ram_mib: int,
-         mss: int, seed: int = 5) -> dict[str, object]:
+def make(path: Path, connections: int, noise_frames: int, noise_mss: int, ram_mib: float,
+         mss: int, seed: int = 5, migrations: int = 1) -> dict[str, object]:
+    """Write the capture; the truth of its (first) migration, plus the counts.
+    With `migrations` > 1, more migrations of the same VM to other ports are
+    interleaved too (as many connections as a multi-migration host has)."""
+    sources: list[list[memoryview]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        migration_path = Path(tmp) / "migration.pcap"
-        truth = generate(migration_path, ram_mib * (1 << 20) // PAGE * PAGE, mss)
-        migration = migration_path.read_bytes()
+        for i in range(migrations):
+            migration_path = Path(tmp) / f"migration{i}.pcap"
+            migration_truth = generate(migration_path, int(ram_mib * (1 << 20)) // PAGE * PAGE,
+                                       mss, client=("192.0.2.1", 50000 + i),
+                                       server=("192.0.2.2", 4444 + i))
+            if i == 0:
+                truth = migration_truth
+            sources.append(list(records(migration_path.read_bytes())))
     per_connection = max(6, noise_frames // connections)
-    sources = [list(records(migration))]
+    migration_frames = sum(len(s) for s in sources)
     sources += [list(records(noise_connection(i, per_connection, noise_mss, seed + i)))
                 for i in range(connections)]
-    noise = sum(len(s) for s in sources[1:])
+    noise = sum(len(s) for s in sources) - migration_frames
     rng = random.Random(seed)
     # Interleave: every source's frames keep their order; which source comes next is
     # drawn in proportion to what it has left, so all are spread over the whole file.
@@ -109,7 +118,7 @@ def make(path: Path, connections: int, noise_frames: int, noise_mss: int, ram_mi
                                 *_REC.unpack_from(record, 0)[2:]))
             out.write(record[16:])
     truth.update(generator="bench/make_noisy.py", connections=connections,
-                 noise_frames=noise, migration_frames=len(sources[0]))
+                 noise_frames=noise, migration_frames=migration_frames)
     return truth
 
 
@@ -120,7 +129,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int)
     parser.add_argument("--noise-frames", type=int)
     parser.add_argument("--noise-mss", type=int)
-    parser.add_argument("--ram-mib", type=int)
+    parser.add_argument("--ram-mib", type=float)
     parser.add_argument("--mss", type=int)
     args = parser.parse_args()
     settings = dict(PRESETS.get(args.name, PRESETS["noisy-500k"]))

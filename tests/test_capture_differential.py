@@ -1,0 +1,209 @@
+"""The C lane against pure Python: the full per-record event stream must be equal.
+
+tests/test_fastpath.py and tests/test_speedups.py compare summaries (analyze --json);
+here every Record and Finding the analysis emits, with all its attributes but the
+timestamp, in order and per stream, is compared between the C lane
+(analyzer/_speedups.c) and the pure-Python lane, on: every bundled capture, a
+generated capture with 1,000 TCP connections around a migration, several migrations
+interleaved with many flows, and seeded mutations (byte flips, cuts) of those.
+
+A record's timestamp is that of the fed chunk that completed it, and the lanes feed
+in different chunks (C gathers up to 64 KiB, or walks RAM records without feeding),
+so it may name another frame of the same run; the streams' first and last
+timestamps, which are in the compared summary, are equal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from migshark.analyzer import speedups
+from migshark.analyzer.analysis import InputError, MigrationStream, analyze_path
+from migshark.analyzer.capture import CaptureReader
+from migshark.analyzer.records import Event, Record
+from tests.conftest import CAPTURES, REPO_ROOT, require
+
+BUNDLED = sorted(p for d in ("real", "generated") for p in (CAPTURES / d).iterdir()
+                 if p.suffix in (".pcap", ".pcapng"))
+_NOT_BUILT = "migshark.analyzer._speedups was not built (no C compiler or Python headers)"
+
+
+def _bench_module(name: str) -> ModuleType:
+    """A bench script as a module (bench/ is scripts, not a package)."""
+    if name not in sys.modules:
+        bench = str(REPO_ROOT / "bench")
+        if bench not in sys.path:
+            sys.path.insert(0, bench)
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _plain(value: Any) -> Any:
+    """Frame data may be views into the capture's mapping: compare their bytes."""
+    if isinstance(value, memoryview):
+        return bytes(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def event_stream(path: Path) -> list[tuple[Any, ...]]:
+    """Every event of analyze_path(path), as (stream, class, every attribute), plus
+    the outcome: the JSON summary or the InputError's message."""
+    events: list[tuple[Any, ...]] = []
+
+    def sink(stream: MigrationStream | None, event: Event) -> None:
+        events.append((stream.name if stream is not None else None, type(event).__name__,
+                       *(_plain(getattr(event, name)) for name in event._fields
+                         if name != "timestamp")))
+
+    try:
+        outcome: Any = analyze_path(path, sink=sink).as_json()
+    except InputError as error:
+        outcome = ("InputError", str(error))
+    events.append(("outcome", outcome))
+    return events
+
+
+def both_lanes(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    require(speedups.native is not None, _NOT_BUILT)
+    with_c = event_stream(path)
+    with monkeypatch.context() as patch:
+        patch.setattr(speedups, "native", None)
+        pure = event_stream(path)
+    assert len(with_c) == len(pure)
+    for i, (c_event, pure_event) in enumerate(zip(with_c, pure, strict=True)):
+        assert c_event == pure_event, f"event {i} differs"
+    return with_c
+
+
+def records_of(events: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [e for e in events if e[1] == Record.__name__]
+
+
+def to_pcapng(src: Path, dst: Path) -> Path:
+    _bench_module("to_pcapng").convert(src, dst)
+    return dst
+
+
+def noisy_capture(path: Path, connections: int, noise_frames: int, migrations: int = 1,
+                  noise_mss: int = 200, seed: int = 5) -> dict[str, Any]:
+    make: Any = _bench_module("make_noisy").make
+    truth: dict[str, Any] = make(path, connections=connections, noise_frames=noise_frames,
+                                 noise_mss=noise_mss, ram_mib=0.5, mss=1448, seed=seed,
+                                 migrations=migrations)
+    return truth
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_bundled_captures_give_the_same_event_stream(path, monkeypatch):
+    events = both_lanes(path, monkeypatch)
+    assert records_of(events), "no record decoded: the comparison would be empty"
+
+
+@pytest.fixture(scope="module")
+def thousand_connections(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    path = tmp_path_factory.mktemp("noisy") / "thousand.pcap"
+    truth = noisy_capture(path, connections=1000, noise_frames=20_000)
+    return path, truth
+
+
+def test_thousand_connections_give_the_same_event_stream_and_the_truth(
+        thousand_connections, monkeypatch):
+    path, truth = thousand_connections
+    assert truth["connections"] == 1000 and truth["noise_frames"] >= 20_000
+    events = both_lanes(path, monkeypatch)
+    result = events[-1][1]
+    assert len(result["migrations"]) == 1
+    got = {b["name"]: b["sha256"] for b in result["bitmaps"]}
+    assert got == {b["name"]: b["sha256"] for b in truth["bitmaps"]}
+
+
+def test_thousand_connections_as_pcapng(thousand_connections, monkeypatch, tmp_path):
+    path, truth = thousand_connections
+    events = both_lanes(to_pcapng(path, tmp_path / "thousand.pcapng"), monkeypatch)
+    got = {b["name"]: b["sha256"] for b in events[-1][1]["bitmaps"]}
+    assert got == {b["name"]: b["sha256"] for b in truth["bitmaps"]}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_interleaved_migrations_and_flows(tmp_path, monkeypatch, seed):
+    path = tmp_path / "interleaved.pcap"
+    truth = noisy_capture(path, connections=40, noise_frames=6_000, migrations=3,
+                          noise_mss=1448, seed=seed)
+    events = both_lanes(path, monkeypatch)
+    result = events[-1][1]
+    assert len(result["migrations"]) == 3
+    for migration in result["migrations"]:
+        got = {b["name"]: b["sha256"] for b in migration["bitmaps"]}
+        assert got == {b["name"]: b["sha256"] for b in truth["bitmaps"]}
+
+
+def _mutants(base: bytes, seed: int, count: int) -> list[tuple[str, bytes]]:
+    """Seeded byte flips (in the headers' region of records as much as anywhere) and
+    cuts, the first 24 bytes (pcap) or SHB left alone half of the time."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        data = bytearray(base)
+        if i % 4 == 3:
+            cut = rng.randrange(len(data))
+            out.append((f"cut@{cut}", bytes(data[:cut])))
+            continue
+        flips = []
+        for _ in range(rng.choice((1, 2, 8, 32))):
+            pos = rng.randrange(24 if i % 2 else 0, len(data))
+            data[pos] ^= 1 << rng.randrange(8)
+            flips.append(pos)
+        out.append((f"flip@{flips[0]}+{len(flips) - 1}", bytes(data)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mutation_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    folder = tmp_path_factory.mktemp("bases")
+    noisy = folder / "noisy.pcap"
+    noisy_capture(noisy, connections=80, noise_frames=1_500, noise_mss=600)
+    return {"noisy.pcap": noisy.read_bytes(),
+            "noisy.pcapng": to_pcapng(noisy, folder / "noisy.pcapng").read_bytes(),
+            "clean.pcap": (CAPTURES / "generated" / "clean.pcap").read_bytes(),
+            "clean.pcapng": (CAPTURES / "generated" / "clean.pcapng").read_bytes()}
+
+
+@pytest.mark.parametrize("base", ["noisy.pcap", "noisy.pcapng", "clean.pcap", "clean.pcapng"])
+@pytest.mark.parametrize("seed", range(3))
+def test_mutated_captures_give_the_same_event_stream(mutation_bases, base, seed, tmp_path,
+                                                     monkeypatch):
+    outcomes = set()
+    for name, data in _mutants(mutation_bases[base], seed * 100 + len(base), 8):
+        path = tmp_path / f"{name}{Path(base).suffix}"
+        path.write_bytes(data)
+        events = both_lanes(path, monkeypatch)
+        outcomes.add(type(events[-1][1]).__name__)
+    # the mutations reach the analysis, not only the file header check
+    assert "dict" in outcomes
+
+
+def test_the_reader_sees_the_connections_the_capture_has(thousand_connections):
+    """The 1,000-connection input is what it claims: more flows than the C lane's
+    table holds (so its limit is exercised), each direction one lane."""
+    path, _truth = thousand_connections
+    require(speedups.native is not None, _NOT_BUILT)
+    flows = set()
+    with CaptureReader(path) as reader:
+        for frame in reader:
+            flows.add(bytes(frame.data[26:38]))
+    assert len(flows) > 2 * 1000 > speedups.native.MAX_LANES
