@@ -7,10 +7,7 @@ timestamp, in order and per stream, is compared between the C lane
 generated capture with 1,000 TCP connections around a migration, several migrations
 interleaved with many flows, and seeded mutations (byte flips, cuts) of those.
 
-A record's timestamp is that of the fed chunk that completed it, and the lanes feed
-in different chunks (C gathers up to 64 KiB, or walks RAM records without feeding),
-so it may name another frame of the same run; the streams' first and last
-timestamps, which are in the compared summary, are equal.
+Timestamps are left out (see tests/capture_events.py).
 """
 
 from __future__ import annotations
@@ -25,14 +22,13 @@ from typing import Any
 import pytest
 
 from migshark.analyzer import speedups
-from migshark.analyzer.analysis import InputError, MigrationStream, analyze_path
 from migshark.analyzer.capture import CaptureReader
-from migshark.analyzer.records import Event, Record
+from migshark.analyzer.records import Record
+from tests.capture_events import NOT_BUILT, both_lanes
 from tests.conftest import CAPTURES, REPO_ROOT, require
 
 BUNDLED = sorted(p for d in ("real", "generated") for p in (CAPTURES / d).iterdir()
                  if p.suffix in (".pcap", ".pcapng"))
-_NOT_BUILT = "migshark.analyzer._speedups was not built (no C compiler or Python headers)"
 
 
 def _bench_module(name: str) -> ModuleType:
@@ -47,47 +43,6 @@ def _bench_module(name: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def _plain(value: Any) -> Any:
-    """Frame data may be views into the capture's mapping: compare their bytes."""
-    if isinstance(value, memoryview):
-        return bytes(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v) for v in value)
-    return value
-
-
-def event_stream(path: Path) -> list[tuple[Any, ...]]:
-    """Every event of analyze_path(path), as (stream, class, every attribute), plus
-    the outcome: the JSON summary or the InputError's message."""
-    events: list[tuple[Any, ...]] = []
-
-    def sink(stream: MigrationStream | None, event: Event) -> None:
-        events.append((stream.name if stream is not None else None, type(event).__name__,
-                       *(_plain(getattr(event, name)) for name in event._fields
-                         if name != "timestamp")))
-
-    try:
-        outcome: Any = analyze_path(path, sink=sink).as_json()
-    except InputError as error:
-        outcome = ("InputError", str(error))
-    events.append(("outcome", outcome))
-    return events
-
-
-def both_lanes(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    require(speedups.native is not None, _NOT_BUILT)
-    with_c = event_stream(path)
-    with monkeypatch.context() as patch:
-        patch.setattr(speedups, "native", None)
-        pure = event_stream(path)
-    assert len(with_c) == len(pure)
-    for i, (c_event, pure_event) in enumerate(zip(with_c, pure, strict=True)):
-        assert c_event == pure_event, f"event {i} differs"
-    return with_c
 
 
 def records_of(events: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
@@ -201,7 +156,7 @@ def test_the_reader_sees_the_connections_the_capture_has(thousand_connections):
     """The 1,000-connection input is what it claims: more flows than the C lane's
     table holds (so its limit is exercised), each direction one lane."""
     path, _truth = thousand_connections
-    require(speedups.native is not None, _NOT_BUILT)
+    require(speedups.native is not None, NOT_BUILT)
     flows = set()
     with CaptureReader(path) as reader:
         for frame in reader:
