@@ -41,6 +41,17 @@ static inline uint32_t rd32(const unsigned char *p, int little)
     return little ? le32(p) : be32(p);
 }
 
+/* A lane key's slot in a table of `mask + 1` slots: the ports and the low address
+ * bytes vary most between the connections of one host. */
+static inline size_t lane_hash(const unsigned char *key, size_t mask)
+{
+    uint32_t h = ((uint32_t)key[3] << 24 | (uint32_t)key[7] << 16 | (uint32_t)key[8] << 8 |
+                  key[9]) * 2654435761u;
+    h ^= ((uint32_t)key[10] << 8 | key[11]) * 40503u;
+    h ^= h >> 15;
+    return (size_t)h & mask;
+}
+
 static inline unsigned be16(const unsigned char *p)
 {
     return ((unsigned)p[0] << 8) | (unsigned)p[1];
@@ -62,7 +73,8 @@ enum { SCAN_STOP = 0, SCAN_GENERAL = 1, SCAN_GATHERED = 2, SCAN_DIRECT = 3, SCAN
 #define HEADERS_LEN 48 /* Ethernet + IPv4 without options + TCP through its flags byte */
 /* The most ACK lanes one scan_lane call takes (module constant MAX_LANES: the caller
  * passes at most this many; analyzer/fastpath.py chooses which). */
-#define MAX_LANES 64
+#define MAX_LANES 4096
+#define LANE_SLOTS (2 * MAX_LANES) /* the lane hash table: at most half full */
 #define LANE_KEY_SIZE 12 /* addresses then ports, as on the wire */
 
 /* The RAM walk carried across the payloads of the data lane. */
@@ -151,7 +163,7 @@ PyDoc_STRVAR(scan_lane_doc,
 "scan_lane(data, off, stop, little_endian, pcapng_iface, lane_keys, lane_seqs,\n"
 "          skip_lanes, data_key, data_seq, gather_limit, direct_min, ram)\n"
 "-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
-"    ram_out, records)\n\n"
+"    ram_out, records, touched)\n\n"
 "Walk the records of an Ethernet capture from data[off:]: classic pcap records when\n"
 "pcapng_iface is -1, else pcapng EPBs of that interface (any other block ends the\n"
 "walk; record times are then the timestamp's high and low halves), while they are\n"
@@ -177,7 +189,8 @@ PyDoc_STRVAR(scan_lane_doc,
 "data[dstart:dend] (record time dsec, dfrac) is for the caller to feed after\n"
 "`gathered`; 4 the RAM walk met another record: head + data[dstart:dend] is the\n"
 "rest of the stream so far, from that record on. last is the offset of the last\n"
-"record consumed, or -1; records is how many records were consumed.\n\n"
+"record consumed, or -1; records is how many records were consumed; touched lists\n"
+"the skip lanes whose lane_seqs entry changed.\n\n"
 "Limits (module constants): at most MAX_LANES lanes, keys of LANE_KEY_SIZE bytes;\n"
 "anything else raises ValueError.");
 
@@ -198,7 +211,11 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     const unsigned char *data = buf.buf;
     Py_ssize_t size = buf.len;
     uint32_t *seqs = seqbuf.buf;
-    unsigned char keys[MAX_LANES * LANE_KEY_SIZE];
+    const unsigned char *keys = ackbuf.buf;
+    int16_t *slots = NULL;          /* lane index per hash slot, -1: empty */
+    unsigned char *touched_flags = NULL;
+    PyObject *touched = NULL;
+    size_t slot_mask = 0;
     unsigned char data_key[LANE_KEY_SIZE];
     int have_data = 0;
     Py_ssize_t nlanes = ackbuf.len / LANE_KEY_SIZE;
@@ -228,7 +245,26 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         walk.page_continue = page_continue;
         walk.zero_continue = zero_continue;
     }
-    memcpy(keys, ackbuf.buf, (size_t)ackbuf.len);
+    {
+        size_t nslots = 16;
+        while (nslots < 2 * (size_t)nlanes)
+            nslots *= 2;
+        slot_mask = nslots - 1;
+        slots = PyMem_Malloc(nslots * sizeof *slots);
+        touched_flags = PyMem_Calloc((size_t)nlanes + 1, 1);
+        touched = PyList_New(0);
+        if (slots == NULL || touched_flags == NULL || touched == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memset(slots, 0xFF, nslots * sizeof *slots);
+        for (Py_ssize_t i = 0; i < nlanes; i++) {
+            size_t h = lane_hash(keys + LANE_KEY_SIZE * i, slot_mask);
+            while (slots[h] >= 0)
+                h = (h + 1) & slot_mask;
+            slots[h] = (int16_t)i; /* a repeated key: the first one wins */
+        }
+    }
     if (data_key_obj != Py_None) {
         Py_buffer kb;
         if (PyObject_GetBuffer(data_key_obj, &kb, PyBUF_SIMPLE) < 0)
@@ -306,9 +342,12 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         int in_order = is_data_lane && seq == data_seq;
         Py_ssize_t i = nlanes;
         if (!in_order) {
-            for (i = 0; i < nlanes; i++)
-                if (memcmp(key, keys + LANE_KEY_SIZE * i, LANE_KEY_SIZE) == 0)
-                    break;
+            size_t h = lane_hash(key, slot_mask);
+            while (slots[h] >= 0 && memcmp(key, keys + LANE_KEY_SIZE * slots[h],
+                                           LANE_KEY_SIZE) != 0)
+                h = (h + 1) & slot_mask;
+            if (slots[h] >= 0)
+                i = slots[h];
             if (i == nlanes || seqs[i] != seq) {
                 status = SCAN_GENERAL;
                 break;
@@ -335,6 +374,15 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         if (!in_order) {
             if (i < skip_lanes) { /* data nobody reads: only its sequence advances */
                 seqs[i] = (uint32_t)(seq + (uint32_t)n);
+                if (!touched_flags[i]) {
+                    PyObject *index = PyLong_FromSsize_t(i);
+                    if (index == NULL || PyList_Append(touched, index) < 0) {
+                        Py_XDECREF(index);
+                        goto done;
+                    }
+                    Py_DECREF(index);
+                    touched_flags[i] = 1;
+                }
                 records++;
                 last = off;
                 off = next;
@@ -391,18 +439,21 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     if (ram_mode) {
         Py_ssize_t taken = status == SCAN_RAM_END ? walk.rel : walk.rel - walk.head_len;
         result = Py_BuildValue(
-            "innkOkknnkk(nLLnny#)n", status, off, last, (unsigned long)data_seq, Py_None,
+            "innkOkknnkk(nLLnny#)nO", status, off, last, (unsigned long)data_seq, Py_None,
             (unsigned long)gsec, (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
             (unsigned long)dfrac, taken, walk.pages, walk.zeros, walk.skip,
-            walk.skip_start, (const char *)walk.head, walk.head_len, records);
+            walk.skip_start, (const char *)walk.head, walk.head_len, records, touched);
     } else {
-        result = Py_BuildValue("innkOkknnkkOn", status, off, last, (unsigned long)data_seq,
+        result = Py_BuildValue("innkOkknnkkOnO", status, off, last, (unsigned long)data_seq,
                                gathered ? gathered : Py_None, (unsigned long)gsec,
                                (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
-                               (unsigned long)dfrac, Py_None, records);
+                               (unsigned long)dfrac, Py_None, records, touched);
     }
 done:
     Py_XDECREF(gathered);
+    Py_XDECREF(touched);
+    PyMem_Free(slots);
+    PyMem_Free(touched_flags);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&ackbuf);
     PyBuffer_Release(&seqbuf);

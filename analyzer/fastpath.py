@@ -98,23 +98,34 @@ class LaneTable:
     only, unless the demux discards the flow's data (not a migration): then its
     in-order data too, which only advances the reassembler's sequence.
 
-    Also chooses which of them C's lane table holds when there are more than it
-    takes (MAX_LANES): the directions of migration connections first, then flows
-    whose data is discarded. The choice is kept until a lane comes, goes or
-    changes; the sequence numbers are read afresh at every call.
+    Also keeps C's lane table: the lanes but the data lane whose in-order segments
+    take feed's fast path now (nothing pending either way), the skip lanes first,
+    as keys and a uint32 array of next sequence numbers that scan_lane reads and
+    advances. At most `limit` (MAX_LANES) of them: the directions of migration
+    connections first, then skip lanes. The table is rebuilt only when a lane came,
+    went or changed or a lane's state moved where the table cannot see it (the
+    Python lane, a frame the table cannot key); a general-path frame of a lane
+    updates its entries in place, and C's skip-lane advances are copied back to
+    the directions it names.
     """
 
     def __init__(self, demux: CaptureDemux, limit: int) -> None:
         self.demux = demux
         self.limit = limit
         self.lanes: dict[bytes, Lane] = {}
-        self._chosen: tuple[list[bytes], list[bytes]] | None = None
-        self._chosen_without: bytes | None = None
+        self.stale = True  # the C table must be rebuilt before the next call
+        self._built_without: bytes | None = None
+        self.keys = b""
+        self.seqs = array.array("I")
+        self.skip_count = 0
+        self.directions: list[Direction] = []  # of the table's entries, in order
+        self._index: dict[bytes, int] = {}
 
     def refresh(self, segment: TcpSegment, frame: memoryview) -> bytes | None:
         """After the general path handled an Ethernet frame, (re)open or close the
         lanes of its connection; the frame's lane key if it has a lane now."""
         if len(frame) < _HEADERS_LEN or frame[12:15] != _IPV4_NO_OPTIONS:
+            self.stale = True  # its connection's state moved under a key we cannot tell
             return None
         raw = bytes(frame[26:38])
         reverse = raw[4:8] + raw[:4] + raw[10:12] + raw[8:10]
@@ -127,7 +138,7 @@ class LaneTable:
             stream = demux.stream_of(d.key) if d is not None else None
             if d is None or d.done or (stream is not None and stream.closed):
                 if lanes.pop(key, None) is not None:
-                    self._chosen = None
+                    self.stale = True
                 continue
             # Without a stream, data goes the general way (the flow may still become a
             # migration) until the demux has judged it not one.
@@ -135,48 +146,64 @@ class LaneTable:
             old = lanes.get(key)
             if old is None or old[0] is not d or old[1] is not stream or old[2] != skip:
                 lanes[key] = (d, stream, skip)
-                self._chosen = None
+                self.stale = True
+            elif not self.stale:
+                self._update(key, d)
         return raw if raw in lanes else None
 
-    def table(self, data_key: bytes | None) -> tuple[bytes, array.array[int], int,
-                                                      list[Direction]]:
-        """C's lanes but the data lane, those whose in-order segments take the fast
-        path now: (concatenated keys, their next sequence numbers, how many of the
-        first take data too (skip lanes), the skip lanes' directions)."""
-        if self._chosen is None or self._chosen_without != data_key:
-            self._chosen = self._choose(data_key)
-            self._chosen_without = data_key
-        lanes = self.lanes
-        keys = []
-        seqs = array.array("I")
-        skipping: list[Direction] = []
-        chosen_skip, chosen_ack = self._chosen
-        for key in chosen_skip:
-            d = lanes[key][0]
-            if not d.pending and not d.peer.pending and d.next_seq >= 0:
-                keys.append(key)
-                seqs.append(d.next_seq)
-                skipping.append(d)
-        for key in chosen_ack:
-            d = lanes[key][0]
-            if not d.pending and not d.peer.pending and d.next_seq >= 0:
-                keys.append(key)
-                seqs.append(d.next_seq)
-        return b"".join(keys), seqs, len(skipping), skipping
+    def _update(self, key: bytes, d: Direction) -> None:
+        """The table entry of `key` after the general path moved `d`."""
+        ready = not d.pending and not d.peer.pending and d.next_seq >= 0
+        index = self._index.get(key)
+        if index is None:
+            # Not in the table: the data lane, one the limit left out, or one that was
+            # not ready and now is (only then is a rebuild worth it).
+            if ready and key != self._built_without and len(self._index) < self.limit:
+                self.stale = True
+            return
+        if not ready:
+            self.stale = True
+        else:
+            self.seqs[index] = d.next_seq
 
-    def _choose(self, data_key: bytes | None) -> tuple[list[bytes], list[bytes]]:
+    def table(self, data_key: bytes | None) -> tuple[bytes, array.array[int], int]:
+        """C's table for a call whose data lane is `data_key`: (concatenated keys,
+        their next sequence numbers, how many of the first are skip lanes)."""
+        if self.stale or self._built_without != data_key:
+            self._build(data_key)
+        return self.keys, self.seqs, self.skip_count
+
+    def advanced(self, touched: list[int]) -> None:
+        """C advanced these skip lanes' entries: move their directions along."""
+        seqs = self.seqs
+        directions = self.directions
+        for index in touched:
+            d = directions[index]
+            d.advance((seqs[index] - d.next_seq) & _MASK)
+
+    def _build(self, data_key: bytes | None) -> None:
         lanes = self.lanes
-        candidates = [key for key in lanes if key != data_key]
-        if len(candidates) > self.limit:
+        ready = []
+        for key, (d, _stream, _skip) in lanes.items():
+            if key != data_key and not d.pending and not d.peer.pending and d.next_seq >= 0:
+                ready.append(key)
+        if len(ready) > self.limit:
             def rank(key: bytes) -> int:
                 reverse = lanes.get(key[4:8] + key[:4] + key[10:12] + key[8:10])
                 if lanes[key][1] is not None or (reverse is not None and reverse[1] is not None):
                     return 0
                 return 1 if lanes[key][2] else 2
 
-            candidates = sorted(candidates, key=rank)[:self.limit]
-        return ([key for key in candidates if lanes[key][2]],
-                [key for key in candidates if not lanes[key][2]])
+            ready = sorted(ready, key=rank)[:self.limit]
+        skips = [key for key in ready if lanes[key][2]]
+        chosen = skips + [key for key in ready if not lanes[key][2]]
+        self.keys = b"".join(chosen)
+        self.directions = [lanes[key][0] for key in chosen]
+        self.seqs = array.array("I", [d.next_seq for d in self.directions])
+        self.skip_count = len(skips)
+        self._index = {key: i for i, key in enumerate(chosen)}
+        self._built_without = data_key
+        self.stale = False
 
 
 class _Pump:
@@ -355,6 +382,7 @@ class _Pump:
             if python_budget > 0:
                 python_budget -= self.python_lane(islice(walker.frames(off, stop),
                                                          python_budget))
+                lanes.stale = True  # the Python lane moved lanes the table holds
                 off = walker.next_off
                 if off < 0:
                     break
@@ -369,18 +397,17 @@ class _Pump:
                 if data_lane is None or data_lane[1] is None or data_lane[0].pending \
                         or data_lane[0].peer.pending:
                     data_lane = None
-                lane_keys, lane_seqs, skip_lanes, skipping = lanes.table(data_key)
+                lane_keys, lane_seqs, skip_lanes = lanes.table(data_key)
                 ram = data_lane[1].ram_walk_state() if data_lane is not None else None  # type: ignore[union-attr]
                 (status, off, walked_last, seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,
-                 ram_out, records) = native.scan_lane(
+                 ram_out, records, touched) = native.scan_lane(
                     view, off, stop, walker.little, interface, lane_keys, lane_seqs, skip_lanes,
                     data_key if data_lane is not None else None,
                     data_lane[0].next_seq if data_lane is not None else 0, _GATHER, _DIRECT, ram)
                 if walked_last >= 0:
                     last = walked_last
-                for skipped, skipped_to in zip(skipping, lane_seqs[:skip_lanes], strict=True):
-                    if skipped_to != skipped.next_seq:
-                        skipped.advance((skipped_to - skipped.next_seq) & _MASK)
+                if touched:
+                    lanes.advanced(touched)
                 if data_lane is not None and seq != data_lane[0].next_seq:
                     d, stream, _skip = data_lane
                     assert stream is not None

@@ -24,7 +24,7 @@ import pytest
 from migshark.analyzer import speedups
 from migshark.analyzer.capture import CaptureReader
 from migshark.analyzer.records import Record
-from tests.capture_events import NOT_BUILT, both_lanes
+from tests.capture_events import NOT_BUILT, both_lanes, event_stream
 from tests.conftest import CAPTURES, REPO_ROOT, require
 
 BUNDLED = sorted(p for d in ("real", "generated") for p in (CAPTURES / d).iterdir()
@@ -152,13 +152,27 @@ def test_mutated_captures_give_the_same_event_stream(mutation_bases, base, seed,
     assert "dict" in outcomes
 
 
-def test_the_reader_sees_the_connections_the_capture_has(thousand_connections):
-    """The 1,000-connection input is what it claims: more flows than the C lane's
-    table holds (so its limit is exercised), each direction one lane."""
-    path, _truth = thousand_connections
+class _SmallTable:
+    """The C extension with a smaller lane limit declared: the lane must choose
+    which lanes C gets and leave the rest to Python, with the same result."""
+
+    def __init__(self, native: Any, limit: int) -> None:
+        self._native = native
+        self.MAX_LANES = limit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._native, name)
+
+
+@pytest.mark.parametrize("limit", [0, 1, 16])
+def test_more_connections_than_the_c_table_holds(thousand_connections, monkeypatch, limit):
+    path, truth = thousand_connections
     require(speedups.native is not None, NOT_BUILT)
     flows = set()
     with CaptureReader(path) as reader:
         for frame in reader:
             flows.add(bytes(frame.data[26:38]))
-    assert len(flows) > 2 * 1000 > speedups.native.MAX_LANES
+    assert len(flows) > 2 * 1000  # each direction of each connection is one lane
+    reference = both_lanes(path, monkeypatch)
+    monkeypatch.setattr(speedups, "native", _SmallTable(speedups.native, limit))
+    assert event_stream(path) == reference
