@@ -55,11 +55,13 @@ _PUBLISH_STEP = 4 << 20  # how often the walk tells it where it is
 _RELEASE_LAG = 2 * _RELEASE_STEP  # the walk releases itself past this
 _GATHER = 1 << 16  # bytes gathered from small segments before one feed
 _DIRECT = 1 << 14  # segments at least this big are fed without copying
-# A C call that needs Python for a record after fewer records than this did not pay
-# for itself (a call and its lane table cost about as much as that many records in
-# the Python lane): the Python lane takes the next records, a window of at least
-# _BACKOFF_MIN records that doubles on every such miss up to _BACKOFF_MAX.
+# A C call that needs Python for a record after fewer records than this, and fewer
+# bytes than _WORTHWHILE_BYTES (a few 64 KiB loopback frames pay for a call), did not
+# pay for itself (a call costs about as much as that many records in the Python
+# lane): the Python lane takes the next records, a window of at least _BACKOFF_MIN
+# records that doubles on every such miss up to _BACKOFF_MAX.
 _WORTHWHILE = 32
+_WORTHWHILE_BYTES = 256 << 10
 _BACKOFF_MIN = 64
 _BACKOFF_MAX = 1 << 14
 _PYTHON_WALKS = 1 << 10  # from this window on, the prefault thread is stopped
@@ -391,6 +393,8 @@ class _Pump:
             interface = self.lane_interface()
             status = 1
             records = 0
+            walked_from = off
+            lane_bytes = 0  # of the data lane's stream, in what this call walked
             if interface is not None:
                 data_key = self.data_key
                 data_lane = lanes.lanes.get(data_key) if data_key is not None else None
@@ -411,7 +415,8 @@ class _Pump:
                 if data_lane is not None and seq != data_lane[0].next_seq:
                     d, stream, _skip = data_lane
                     assert stream is not None
-                    d.advance((seq - d.next_seq) & _MASK)
+                    lane_bytes = (seq - d.next_seq) & _MASK
+                    d.advance(lane_bytes)
                     if ram_out is not None:
                         taken, pages, zeros, skip, skip_start, head = ram_out
                         stream.ram_walked(taken, pages, zeros, skip, skip_start,
@@ -426,12 +431,20 @@ class _Pump:
                             stream.feed(gathered, self.clock(gsec, gfrac))
                         if status == 3:
                             stream.feed(view[dstart:dend], self.clock(dsec, dfrac))
-            if records >= _WORTHWHILE:
+            walked = off - walked_from
+            worthwhile = records >= _WORTHWHILE or walked >= _WORTHWHILE_BYTES
+            if worthwhile:
                 backoff = 0
-                prefaulter.start(off)
+                # The thread pays where C reads most pages (the migration's payloads);
+                # through other flows' frames C reads only headers, and it costs.
+                if 2 * lane_bytes >= walked:
+                    prefaulter.start(off)
+                elif walked >= _PUBLISH_STEP and 4 * lane_bytes < walked:
+                    prefaulter.stop()
+                    release_at = min(release_at, off + _RELEASE_STEP)
             if status != 1:
                 continue
-            if records < _WORTHWHILE:
+            if not worthwhile:
                 backoff = min(max(_BACKOFF_MIN, 2 * backoff), _BACKOFF_MAX)
                 python_budget = backoff
                 if backoff >= _PYTHON_WALKS:
@@ -503,8 +516,7 @@ class _Prefaulter:
         self.reader.note_released(self.control[4])
 
     def __enter__(self) -> _Prefaulter:
-        self.start(0)
-        return self
+        return self  # started once C walks the migration (run_native)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
