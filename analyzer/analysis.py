@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +123,7 @@ class MigrationStream:
             self.first_timestamp = timestamp
         self.last_timestamp = timestamp
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: Sequence[Event]) -> None:
         for event in events:
             if isinstance(event, Record):
                 self.record_counts[event.kind] += 1

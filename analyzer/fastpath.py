@@ -308,11 +308,11 @@ class _Pump:
                                     gathered += data[data_start:frame_end]
                                     gathered_ts = frame.timestamp
                                     if len(gathered) >= _GATHER:
-                                        stream.feed(gathered, gathered_ts)
+                                        stream.feed(memoryview(gathered), gathered_ts)
                                         gathered = bytearray()
                                     continue
                                 if gathered:
-                                    gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+                                    gathered_for.feed(memoryview(gathered), gathered_ts)  # type: ignore[union-attr]
                                     gathered = bytearray()
                                 if n >= _DIRECT:
                                     stream.feed(data[data_start:frame_end], frame.timestamp)
@@ -327,12 +327,12 @@ class _Pump:
                                 continue
             # The general path, in capture order: first deliver what was gathered.
             if gathered:
-                gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+                gathered_for.feed(memoryview(gathered), gathered_ts)  # type: ignore[union-attr]
                 gathered = bytearray()
             taken = None
             general(frame)
         if gathered:
-            gathered_for.feed(gathered, gathered_ts)  # type: ignore[union-attr]
+            gathered_for.feed(memoryview(gathered), gathered_ts)  # type: ignore[union-attr]
         if taken is not None:
             # The last frames may have been ACKs the lane dropped without a clock.
             reassembler = self.demux.reassembler

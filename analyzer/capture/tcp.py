@@ -148,7 +148,7 @@ class Connection(Fields):
     __slots__ = _fields = ("client", "server", "generation", "first_timestamp")
     # Each connection is its own: equal only to itself, hashable by identity.
     __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]  # Fields is unhashable: this one is
 
     def __init__(self, client: FlowKey, server: FlowKey, generation: int,
                  first_timestamp: float) -> None:
