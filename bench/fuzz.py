@@ -1,4 +1,4 @@
-"""A longer fuzz run of the analysis, with the invariants of tests/test_fuzz_findings.py.
+"""A longer fuzz run of the analysis, with the invariants of testkit/fuzzing.py.
 
     python bench/fuzz.py [--seconds 300] [--engine atheris|hypothesis]
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _check(data: bytes) -> None:
-    from tests.test_fuzz_findings import check_invariants
+    from testkit.fuzzing import check_invariants
 
     whole = check_invariants(data)[1]
     chunk = 1 + (len(data) * 7919 + 13) % 997  # a deterministic, input-dependent chunking
@@ -34,13 +34,13 @@ def _check(data: bytes) -> None:
 
 
 def run_atheris(seconds: int) -> int:
-    import atheris
+    import atheris  # type: ignore[import-untyped]  # optional, and without types
 
     with atheris.instrument_imports():
         import migshark.analyzer.bitmaps  # noqa: F401
         import migshark.analyzer.decoder  # noqa: F401
         import migshark.dissectors.grammar  # noqa: F401
-    from tests.test_fuzz_findings import seeds
+    from testkit.fuzzing import seeds
 
     corpus = Path(tempfile.mkdtemp(prefix="migshark-fuzz-"))
     for index, seed in enumerate(seeds()):
@@ -60,7 +60,7 @@ def run_atheris(seconds: int) -> int:
 def run_hypothesis(seconds: int) -> int:
     from hypothesis import HealthCheck, given, settings
 
-    from tests.test_fuzz_findings import mutated
+    from testkit.fuzzing import mutated
 
     count = [0]
     deadline = time.monotonic() + seconds

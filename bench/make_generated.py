@@ -27,11 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from pcapwriter import TcpPcapWriter  # noqa: E402
 
 from migshark.dissectors import grammar as g  # noqa: E402
+from testkit.tcpflows import TcpPcapWriter  # noqa: E402
 
 PAGE = 4096
 RAM_BLOCK = "pc.ram"
@@ -70,25 +68,26 @@ def bitmap_completion(records: list[bytes]) -> None:
         bits = bitmap_words(granularity, extents)
         total_sectors = DISK_SIZE // 512
         per_chunk = g.BITMAP_GRANULES_PER_CHUNK * granularity // 512
-        names = {"device_name": NODE, "bitmap_name": name}
         first = True
         for sector in range(0, total_sectors, per_chunk):
             count = min(per_chunk, total_sectors - sector)
             granule0 = sector * 512 // granularity
             ngranules = -(-count * 512 // granularity)
             chunk = (bits >> granule0) & ((1 << ngranules) - 1)
-            label = names if first else {}
+            # Only the bitmap's first record names it, as QEMU sends them.
+            device, bitmap = (NODE, name) if first else (None, None)
             first = False
             if not chunk:
                 records.append(g.bitmap_record(g.BitmapFlag.BITS | g.BitmapFlag.ZEROES,
-                                               first_sector=sector, sector_count=count,
-                                               **label))
+                                               device_name=device, bitmap_name=bitmap,
+                                               first_sector=sector, sector_count=count))
                 continue
             size = -(-ngranules // 64) * 8
             size = -(-size // g.BITMAP_BUFFER_ALIGN) * g.BITMAP_BUFFER_ALIGN
             records.append(g.bitmap_record(g.BitmapFlag.BITS, first_sector=sector,
                                            sector_count=count,
-                                           buffer=chunk.to_bytes(size, "little"), **label))
+                                           buffer=chunk.to_bytes(size, "little"),
+                                           device_name=device, bitmap_name=bitmap))
         records.append(g.bitmap_record(g.BitmapFlag.COMPLETE, device_name=NODE,
                                        bitmap_name=name))
         del index

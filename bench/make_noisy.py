@@ -35,11 +35,15 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent))
 
 from make_generated import PAGE, generate  # noqa: E402
-from pcapwriter import PCAP_HEADER, TcpPcapWriter  # noqa: E402
+
+from testkit.pcapfiles import LINKTYPE_ETHERNET, PCAP_MAGIC_NANOS  # noqa: E402
+from testkit.tcpflows import TcpPcapWriter  # noqa: E402
 
 _REC = struct.Struct("<IIII")
+PCAP_HEADER = struct.Struct("<IHHiIII")
 _FILE_HEADER_LEN = PCAP_HEADER.size
 
 PRESETS = {
@@ -109,7 +113,7 @@ def make(path: Path, connections: int, noise_frames: int, noise_mss: int, ram_mi
     rng.shuffle(order)
     time_us = 1_700_000_000 * 1_000_000
     with open(path, "wb", buffering=1 << 22) as out:
-        out.write(PCAP_HEADER.pack(0xA1B23C4D, 2, 4, 0, 0, 262144, 1))
+        out.write(PCAP_HEADER.pack(PCAP_MAGIC_NANOS, 2, 4, 0, 0, 262144, LINKTYPE_ETHERNET))
         for i in order:
             record = sources[i][positions[i]]
             positions[i] += 1

@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +31,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.realqemu.qmp import QMPClient  # noqa: E402 - needs the repo root on sys.path
+from testkit.processes import (  # noqa: E402 - needs the repo root on sys.path
+    free_port,
+    wait_for_banner,
+    wait_listening,
+    wait_until,
+)
+from testkit.realqemu.qmp import QMPClient  # noqa: E402
 
 PAGE = 4096
 DISK_SIZE = 4 << 30
@@ -67,12 +70,6 @@ def fill_ram_file(path: Path, size: int, seed: int = 7) -> tuple[int, int]:
     return data_pages, zero_pages
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_qemu(role: str, workdir: Path, ram_mib: int, memory: str, disk: Path,
                extra: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
     sock = workdir / f"{role}.qmp"
@@ -101,14 +98,16 @@ def connect(proc: subprocess.Popen[bytes], sock: Path, timeout: float = 20.0) ->
 
 
 def wait_status(qmp: QMPClient, wanted: set[str], timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = qmp.cmd("query-migrate").get("status", "none")
-        if status in wanted:
-            return str(status)
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"migration still {status!r} after {timeout} s")
-        time.sleep(0.1)
+    status = "none"
+
+    def reached() -> bool:
+        nonlocal status
+        status = str(qmp.cmd("query-migrate").get("status", "none"))
+        return status in wanted
+
+    if not wait_until(reached, timeout, interval=0.1):
+        raise RuntimeError(f"migration still {status!r} after {timeout} s")
+    return status
 
 
 def start_tcpdump(pcap: Path, port: int) -> subprocess.Popen[bytes]:
@@ -116,28 +115,9 @@ def start_tcpdump(pcap: Path, port: int) -> subprocess.Popen[bytes]:
         ["tcpdump", "-i", "lo", "-n", "-s", "0", "-B", "65536", "-w", str(pcap),
          f"tcp port {port}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    seen = b""
-    deadline = time.monotonic() + 10
     # Packets are captured from the moment tcpdump says it is listening.
-    while b"listening on" not in seen:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise RuntimeError(f"tcpdump did not start: {seen!r}")
-        seen += chunk
+    wait_for_banner(proc, b"listening on", 10, "tcpdump")
     return proc
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as f:
-            if any(f":{port:04X} " in line and line.split()[3] == "0A" for line in f):
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"destination never listened on {port}")
 
 
 def capture(out: Path, ram_mib: int, name: str) -> dict[str, Any]:

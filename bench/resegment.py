@@ -5,7 +5,7 @@ Loopback captures hold GSO frames of up to 64 KiB; a capture taken on a real
 network (MTU 1500, timestamps off) carries the same bytes in 1448-byte segments
 with an ACK for every second one, i.e. ~45x more frames. The client-to-server
 stream is reassembled with migshark's own capture layer (which the benchmark also
-checks against QEMU's ground truth) and written out by bench/pcapwriter.py.
+checks against QEMU's ground truth) and written out by testkit/tcpflows.py.
 
     python bench/resegment.py IN.pcap OUT.pcap [--mss 1448]
 """
@@ -18,9 +18,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from pcapwriter import TcpPcapWriter  # noqa: E402
 
 from migshark.analyzer.capture import (  # noqa: E402
     CaptureReader,
@@ -30,6 +27,7 @@ from migshark.analyzer.capture import (  # noqa: E402
     parse_frame,
 )
 from migshark.analyzer.capture.tcp import StreamOpened  # noqa: E402
+from testkit.tcpflows import TcpPcapWriter  # noqa: E402
 
 QEVM = b"QEVM"
 

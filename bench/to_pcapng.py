@@ -11,10 +11,16 @@ import struct
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def block(kind: int, body: bytes) -> bytes:
-    body += b"\0" * (-len(body) % 4)
-    return struct.pack("<II", kind, 12 + len(body)) + body + struct.pack("<I", 12 + len(body))
+from testkit.pcapfiles import (  # noqa: E402 - needs the repo root on sys.path
+    PCAP_MAGIC,
+    PCAP_MAGIC_NANOS,
+    SNAPLEN,
+    epb,
+    idb,
+    shb,
+)
 
 
 def convert(src: Path, dst: Path) -> int:
@@ -22,12 +28,11 @@ def convert(src: Path, dst: Path) -> int:
     with open(src, "rb") as f, open(dst, "wb") as out:
         header = f.read(24)
         magic = struct.unpack_from("<I", header)[0]
-        order = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
-        nanos = magic in (0xA1B23C4D, 0x4D3CB2A1)
+        order = "<" if magic in (PCAP_MAGIC, PCAP_MAGIC_NANOS) else ">"
+        nanos = magic in (PCAP_MAGIC_NANOS, 0x4D3CB2A1)
         linktype = struct.unpack_from(order + "I", header, 20)[0] & 0xFFFF
-        out.write(block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)))
-        options = struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0) if nanos else b""
-        out.write(block(1, struct.pack("<HHI", linktype, 0, 262144) + options))
+        out.write(shb())
+        out.write(idb(linktype, snaplen=SNAPLEN, tsresol=9 if nanos else None))
         rec = struct.Struct(order + "IIII")
         while head := f.read(16):
             if len(head) < 16:
@@ -35,8 +40,7 @@ def convert(src: Path, dst: Path) -> int:
             sec, frac, caplen, origlen = rec.unpack(head)
             data = f.read(caplen)
             ticks = sec * (10**9 if nanos else 10**6) + frac
-            out.write(block(6, struct.pack("<IIIII", 0, ticks >> 32, ticks & 0xFFFFFFFF,
-                                           len(data), origlen) + data))
+            out.write(epb(0, ticks, data, orig=origlen))
             count += 1
     return count
 

@@ -45,6 +45,7 @@ class TimedApp(MigsharkApp):
 
 def main() -> int:
     app = TimedApp.for_path(sys.argv[1])
+    assert isinstance(app, TimedApp)  # for_path builds the class it is called on
     app.run(headless=True)
     seconds = TimedApp.first_record_at if app.first_record_at is None else app.first_record_at
     print("n/a" if seconds is None else f"{seconds:.3f}", flush=True)

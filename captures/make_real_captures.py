@@ -4,7 +4,7 @@
     sudo python captures/make_real_captures.py            # every preset
     sudo python captures/make_real_captures.py precopy    # just some
 
-For each preset of tests/realqemu/harness.py this writes `<scenario>.pcap` and
+For each preset of testkit/realqemu/harness.py this writes `<scenario>.pcap` and
 `<scenario>.pcapng` (tcp transport) or `<scenario>.bin` (exec transport), and
 `<scenario>.json`: the harness's ground truth plus `description` and `files`. Needs
 root (tcpdump), qemu-system-x86_64, qemu-img, tcpdump and editcap. Disk images and
@@ -20,15 +20,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT = REPO_ROOT / "captures" / "real"
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.realqemu.harness import PRESETS, run_migration  # noqa: E402
+from testkit.realqemu.harness import PRESETS, run_migration  # noqa: E402
 
 
-def make(name: str, out: Path) -> dict[str, object]:
+def make(name: str, out: Path) -> dict[str, Any]:
     scenario = PRESETS[name]
     with tempfile.TemporaryDirectory(prefix=f"migshark-{name}-") as tmp:
         result = run_migration(scenario, Path(tmp))
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         truth = make(name, args.out)
-        files = [f for f in truth["files"].values() if f]  # type: ignore[union-attr]
+        files = [f for f in truth["files"].values() if f]
         sizes = ", ".join(f"{f} {(args.out / f).stat().st_size:,} B" for f in files)
         print(f"{name}: dest {truth['dest_outcome']}; {sizes}")
     return 0

@@ -1,43 +1,16 @@
-"""Shared pytest configuration.
+"""Shared pytest configuration: the repository root goes on sys.path.
 
-Tests that need real QEMU, tcpdump or tshark call `require_tools(...)`. Locally a
-missing tool skips with a reason; CI sets MIGSHARK_REQUIRE_REAL=1 so that the same
-situation fails instead of silently passing.
+That makes `import migshark` load this checkout (not another installed copy) and
+makes the shared helpers importable as `testkit`. Helpers live in testkit/, never
+here: test modules do not import each other, conftest included.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CAPTURES = REPO_ROOT / "captures"
 
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-
-
-def real_tools_required() -> bool:
-    return os.environ.get("MIGSHARK_REQUIRE_REAL", "") not in ("", "0")
-
-
-def require(condition: bool, reason: str) -> None:
-    """Skip (locally) or fail (CI) when a real-world dependency is missing."""
-    if condition:
-        return
-    if real_tools_required():
-        pytest.fail(f"MIGSHARK_REQUIRE_REAL is set but: {reason}")
-    pytest.skip(reason)
-
-
-def require_tools(*names: str) -> None:
-    missing = [name for name in names if shutil.which(name) is None]
-    require(not missing, f"missing tools: {', '.join(missing)}")
-
-
-def require_root() -> None:
-    require(os.geteuid() == 0, "needs root (packet capture)")

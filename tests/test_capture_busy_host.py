@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from migshark.analyzer.capture import CaptureReader
-from tests.capture_events import both_lanes
-from tests.conftest import REPO_ROOT, require_root, require_tools
+from testkit.lanes import both_lanes
+from testkit.paths import REPO_ROOT
+from testkit.require import require_root, require_tools
 
 BACKGROUND_CONNECTIONS = 400
 ROUND_PAUSE = 0.1  # between rounds of one small send per connection: ~4k packets/s
@@ -115,7 +116,7 @@ class AllTcpCapture:
     """tcpdump -i lo tcp (no port filter), started and stopped like the harness's."""
 
     def __init__(self, path: Path) -> None:
-        from tests.realqemu.harness import CAPTURE_BUFFER_KIB, SNAPLEN
+        from testkit.realqemu.harness import CAPTURE_BUFFER_KIB, SNAPLEN
 
         self.path = path
         self.proc = subprocess.Popen(
@@ -199,7 +200,7 @@ def capture_busy_migration(workdir: Path) -> tuple[Path, Any]:
     """One run: background connections, the capture, the migration; (pcap, result).
     Raises UnusableRun when tcpdump lost frames of the migration itself (the kernel
     drops frames when a loaded machine cannot keep up)."""
-    from tests.realqemu.harness import PRESETS, UnusableRun, read_tcp_flow, run_migration
+    from testkit.realqemu.harness import PRESETS, UnusableRun, read_tcp_flow, run_migration
 
     workdir.mkdir(parents=True, exist_ok=True)
     pcap = workdir / "busy.pcap"
@@ -234,7 +235,7 @@ def capture_busy_migration(workdir: Path) -> tuple[Path, Any]:
 def test_migration_among_400_connections_matches_qemu_on_both_lanes(tmp_path, monkeypatch):
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
     require_root()
-    from tests.realqemu.harness import UnusableRun
+    from testkit.realqemu.harness import UnusableRun
 
     for attempt in range(1, 4):
         try:

@@ -7,7 +7,7 @@ timestamp, in order and per stream, is compared between the C lane
 generated capture with 1,000 TCP connections around a migration, several migrations
 interleaved with many flows, and seeded mutations (byte flips, cuts) of those.
 
-Timestamps are left out (see tests/capture_events.py).
+Timestamps are left out (see testkit/lanes.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import pytest
 from migshark.analyzer import speedups
 from migshark.analyzer.capture import CaptureReader
 from migshark.analyzer.records import Record
-from tests.capture_events import NOT_BUILT, both_lanes, event_stream
-from tests.conftest import CAPTURES, REPO_ROOT, require
+from testkit.lanes import NOT_BUILT, both_lanes, event_stream
+from testkit.paths import CAPTURES, REPO_ROOT
+from testkit.require import require
 
 BUNDLED = sorted(p for d in ("real", "generated") for p in (CAPTURES / d).iterdir()
                  if p.suffix in (".pcap", ".pcapng"))

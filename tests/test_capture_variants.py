@@ -14,7 +14,8 @@ import pytest
 from migshark.analyzer.analysis import AnalysisOptions, analyze_path
 from migshark.analyzer.pcapwriter import Packet, build_frame, conversation
 from migshark.analyzer.scenario import TransportSpec
-from tests.conftest import CAPTURES
+from testkit.paths import CAPTURES
+from testkit.pcapfiles import SNAPLEN, epb, idb, micros, pcap_bytes, shb
 
 GENERATED = CAPTURES / "generated"
 LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2 = 1, 276
@@ -54,33 +55,18 @@ def _sll2(ethertype: int, payload: bytes, outgoing: bool) -> bytes:
 
 
 def _write_pcap(path: Path, linktype: int, frames: list[tuple[float, bytes]]) -> None:
-    with open(path, "wb") as out:
-        out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, linktype))
-        for timestamp, frame in frames:
-            micros = round(timestamp * 1_000_000)
-            out.write(struct.pack("<IIII", micros // 1_000_000, micros % 1_000_000,
-                                  len(frame), len(frame)) + frame)
-
-
-def _block(block_type: int, body: bytes) -> bytes:
-    body += bytes(-len(body) % 4)
-    return struct.pack("<II", block_type, 12 + len(body)) + body + struct.pack(
-        "<I", 12 + len(body))
+    path.write_bytes(pcap_bytes([(*micros(timestamp), frame) for timestamp, frame in frames],
+                                linktype=linktype, snaplen=SNAPLEN))
 
 
 def _write_pcapng(path: Path, interfaces: list[tuple[int, int]],
                   frames: list[tuple[float, int, bytes]]) -> None:
     """`interfaces`: (linktype, tsresol exponent); frames: (time, interface, frame)."""
-    with open(path, "wb") as out:
-        out.write(_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1)))
-        for linktype, exponent in interfaces:
-            option = struct.pack("<HHB", 9, 1, exponent) + bytes(3) + bytes(4)
-            out.write(_block(1, struct.pack("<HHI", linktype, 0, 262144) + option))
-        for timestamp, interface, frame in frames:
-            ticks = round(timestamp * 10 ** interfaces[interface][1])
-            out.write(_block(6, struct.pack("<IIIII", interface, ticks >> 32,
-                                            ticks & 0xFFFFFFFF, len(frame), len(frame))
-                             + frame))
+    parts = [shb()] + [idb(linktype, snaplen=SNAPLEN, tsresol=exponent)
+                       for linktype, exponent in interfaces]
+    parts += [epb(interface, round(timestamp * 10 ** interfaces[interface][1]), frame)
+              for timestamp, interface, frame in frames]
+    path.write_bytes(b"".join(parts))
 
 
 def _assert_bitmaps(path: Path, truth: dict, migrations: int = 1) -> None:

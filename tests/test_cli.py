@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from tests import synthetic
-from tests.conftest import REPO_ROOT
+from testkit import synthetic
+from testkit.paths import REPO_ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

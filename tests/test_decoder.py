@@ -10,33 +10,8 @@ import pytest
 from migshark.analyzer.bitmaps import BitmapTracker
 from migshark.analyzer.decoder import StreamDecoder, decode_bytes
 from migshark.analyzer.records import Finding, Record, Severity
-from tests import synthetic
-
-
-def _decode_chunked(data: bytes, sizes, **options):
-    decoder = StreamDecoder(**options)
-    events = []
-    pos = 0
-    for size in sizes:
-        if pos >= len(data):
-            break
-        events += decoder.feed(data[pos : pos + size])
-        pos += size
-    if pos < len(data):
-        events += decoder.feed(data[pos:])
-    return events + decoder.finish()
-
-
-def _signature(events):
-    out = []
-    for event in events:
-        if isinstance(event, Record):
-            fields = {k: v for k, v in event.fields.items()}
-            out.append(("R", event.offset, event.length, event.kind, event.section,
-                        event.node, event.bitmap, repr(sorted(fields.items()))))
-        else:
-            out.append(("F", event.code, event.offset, event.message))
-    return out
+from testkit import synthetic
+from testkit.events import decode_pieces, event_signature, pieces_every, pieces_of_sizes
 
 
 def _bitmaps(events):
@@ -52,18 +27,19 @@ def _bitmaps(events):
 def test_one_byte_at_a_time_equals_whole(ram_detail):
     data = synthetic.precopy_stream()
     whole = decode_bytes(data, ram_detail=ram_detail)
-    bytewise = _decode_chunked(data, [1] * len(data), ram_detail=ram_detail)
-    assert _signature(bytewise) == _signature(whole)
+    bytewise = decode_pieces(StreamDecoder(ram_detail=ram_detail), pieces_every(data, 1))
+    assert event_signature(bytewise) == event_signature(whole)
 
 
 def test_random_chunking_equals_whole():
     data = synthetic.precopy_stream()
-    whole = _signature(decode_bytes(data))
+    whole = event_signature(decode_bytes(data))
     rng = random.Random(7)
     for _ in range(20):
         sizes = [rng.choice([1, 2, 3, 7, 8, 9, 100, 4095, 4096, 4097, 65536])
                  for _ in range(len(data))]
-        assert _signature(_decode_chunked(data, sizes)) == whole
+        chunked = decode_pieces(StreamDecoder(), pieces_of_sizes(data, sizes))
+        assert event_signature(chunked) == whole
 
 
 def test_clean_stream_has_no_problems_and_records_cover_it():

@@ -385,7 +385,7 @@ def _tshark_expert(path: Path) -> list[str]:
 
 
 def test_tshark_finds_nothing_wrong_in_a_clean_capture(tmp_path: Path) -> None:
-    from tests.conftest import require_tools
+    from testkit.require import require_tools
 
     require_tools("tshark")
     out = tmp_path / "clean.pcap"

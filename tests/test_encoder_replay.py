@@ -23,7 +23,7 @@ from migshark.analyzer.analysis import analyze_path
 from migshark.analyzer.encoder import encode
 from migshark.analyzer.replay import ReplayReport, send_stream
 from migshark.analyzer.scenario import load_scenario, parse_fault
-from tests.conftest import require, require_tools
+from testkit.require import require, require_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "captures" / "scenarios" / "replay-pc.toml"
@@ -58,8 +58,9 @@ class Outcome:
 
 
 def run_destination(workdir: Path, data: bytes) -> Outcome:
-    from tests.realqemu.harness import _Qemu, free_port
-    from tests.realqemu.qmp import QMPClosed, QMPError, QMPTimeout
+    from testkit.processes import free_port
+    from testkit.realqemu.harness import _Qemu
+    from testkit.realqemu.qmp import QMPClosed, QMPError, QMPTimeout
 
     disk = workdir / "drive0.qcow2"
     subprocess.run(["qemu-img", "create", "-f", "qcow2", str(disk), "64M"], check=True,
@@ -163,7 +164,7 @@ def test_verdict_table_in_docs_is_current() -> None:
 def test_cli_replay_reports_unreachable_destination_and_bad_addresses(
         capsys: pytest.CaptureFixture[str]) -> None:
     from migshark.analyzer.cli import main
-    from tests.realqemu.harness import free_port
+    from testkit.processes import free_port
 
     port = free_port()  # nothing listens there
     assert main(["replay", str(SCENARIO), "--to", f"tcp:127.0.0.1:{port}"]) == 2

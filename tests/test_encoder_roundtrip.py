@@ -21,7 +21,7 @@ from migshark.analyzer.cli import main
 from migshark.analyzer.encoder import ScenarioExporter, encode
 from migshark.analyzer.records import Record
 from migshark.analyzer.scenario import RamBlock, load_scenario, scenario_from_dict, scenario_to_toml
-from tests.conftest import require
+from testkit.require import require
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "captures" / "real"

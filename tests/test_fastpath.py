@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import random
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,96 +11,9 @@ import migshark.analyzer.analysis as analysis
 from migshark.analyzer import speedups
 from migshark.analyzer.analysis import analyze_path
 from migshark.analyzer.capture import parse_frame
-from tests.synthetic import precopy_stream
-
-SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
-_REC = struct.Struct("<IIII")
-_ETH_IP_TCP = struct.Struct("!6s6sHBBHHHBBH4s4sHHIIBBHHH")
-
-
-class Conn:
-    """Frames of one TCP connection, both directions, with real sequence numbers."""
-
-    def __init__(self, client: str, sport: int, server: str, dport: int) -> None:
-        self.ends = {True: (bytes(map(int, client.split("."))), sport, 0x1000_0000),
-                     False: (bytes(map(int, server.split("."))), dport, 0xFFFF_F000)}
-        self.next = {True: 0x1000_0001, False: 0xFFFF_F001}
-
-    def frame(self, from_client: bool, flags: int, payload: bytes = b"",
-              seq: int | None = None, options: bytes = b"") -> bytes:
-        src, sport, _ = self.ends[from_client]
-        dst, dport, _ = self.ends[not from_client]
-        if seq is None:
-            seq = self.next[from_client]
-        ack = self.next[not from_client] if flags & ACK else 0
-        tcp_len = 20 + len(options)
-        head = _ETH_IP_TCP.pack(b"\x02" * 6, b"\x04" * 6, 0x0800, 0x45, 0,
-                                (20 + tcp_len + len(payload)) & 0xFFFF, 1, 0x4000, 64, 6, 0,
-                                src, dst, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
-                                (tcp_len // 4) << 4, flags, 65535, 0, 0)
-        return head + options + payload
-
-    def send(self, from_client: bool, payload: bytes, flags: int = ACK | PSH) -> bytes:
-        out = self.frame(from_client, flags, payload)
-        self.next[from_client] = (self.next[from_client] + len(payload)) & 0xFFFFFFFF
-        return out
-
-    def handshake(self) -> list[bytes]:
-        out = [self.frame(True, SYN, seq=self.ends[True][2])]
-        out.append(self.frame(False, SYN | ACK, seq=self.ends[False][2]))
-        out.append(self.frame(True, ACK))
-        return out
-
-
-def write_pcap(path: Path, frames: list[bytes], cut: int = 0) -> Path:
-    parts = [struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, 1)]
-    for i, frame in enumerate(frames):
-        parts.append(_REC.pack(1_700_000_000 + i // 1000, (i % 1000) * 1000, len(frame),
-                               len(frame)))
-        parts.append(frame)
-    data = b"".join(parts)
-    path.write_bytes(data[: len(data) - cut])
-    return path
-
-
-def segments(stream: bytes, rng: random.Random) -> Iterator[bytes]:
-    """Cut `stream` into sizes from tiny to GSO-large, as both capture kinds have them."""
-    pos = 0
-    while pos < len(stream):
-        size = rng.choice((1, 7, 536, 1448, 1448, 1448, 20000, 65483))
-        yield stream[pos : pos + size]
-        pos += size
-
-
-def migration_frames(conn: Conn, stream: bytes, seed: int, messy: bool) -> list[bytes]:
-    rng = random.Random(seed)
-    frames = conn.handshake()
-    held: bytes | None = None
-    for i, payload in enumerate(segments(stream, rng)):
-        seq = conn.next[True]
-        frame = conn.send(True, payload)
-        if messy and i % 17 == 5:
-            frames.append(conn.frame(True, ACK | PSH, payload, seq=seq))  # duplicate
-        if messy and i % 23 == 7 and held is None:
-            held = frame  # delivered after the next one: out of order
-            continue
-        frames.append(frame)
-        if held is not None:
-            frames.append(held)
-            held = None
-        if i % 2:
-            frames.append(conn.frame(False, ACK))
-        if messy and i % 29 == 11:
-            frames.append(conn.frame(False, ACK | PSH, b"\x00\x00\x00\x01"))  # return path
-            conn.next[False] += 4
-    if held is not None:
-        frames.append(held)
-    frames.append(conn.frame(True, FIN | ACK))
-    conn.next[True] += 1
-    frames.append(conn.frame(False, FIN | ACK))
-    conn.next[False] += 1
-    frames.append(conn.frame(True, ACK))
-    return frames
+from testkit.pcapfiles import write_pcap, write_pcapng
+from testkit.synthetic import precopy_stream
+from testkit.tcpflows import ACK, PSH, RST, Conn, migration_frames
 
 
 def both_ways(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
@@ -191,31 +101,6 @@ def test_tcp_options_take_the_general_path(tmp_path, monkeypatch):
     fast, slow = both_ways(write_pcap(tmp_path / "opts.pcap", frames), monkeypatch)
     assert fast == slow
     assert fast["migrations"][0]["stream_bytes"] == len(stream)
-
-
-def _block(kind: int, body: bytes) -> bytes:
-    body += b"\0" * (-len(body) % 4)
-    length = 12 + len(body)
-    return struct.pack("<II", kind, length) + body + struct.pack("<I", length)
-
-
-def write_pcapng(path: Path, frames: list[tuple[int, bytes]], cut: int = 0) -> Path:
-    """frames: (interface, frame) pairs. Interface 0 is Ethernet in microseconds,
-    interface 1 Ethernet in nanoseconds; a custom block every 40 packets."""
-    shb = _block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
-    nanos = struct.pack("<HHB3x", 9, 1, 9) + struct.pack("<HH", 0, 0)  # if_tsresol 10^-9
-    parts = [shb, _block(1, struct.pack("<HHI", 1, 0, 262144)),
-             _block(1, struct.pack("<HHI", 1, 0, 262144) + nanos)]
-    for i, (interface, frame) in enumerate(frames):
-        ticks = (1_700_000_000 * 10**6 + i * 1000) * (1000 if interface else 1)
-        parts.append(_block(6, struct.pack("<IIIII", interface, ticks >> 32,
-                                           ticks & 0xFFFFFFFF, len(frame), len(frame))
-                            + frame))
-        if i % 40 == 39:
-            parts.append(_block(0x00000BAD, b"custom block the lane must step over"))
-    data = b"".join(parts)
-    path.write_bytes(data[: len(data) - cut])
-    return path
 
 
 @pytest.mark.parametrize("seed", [8, 9])

@@ -14,7 +14,7 @@ from migshark.analyzer.bitmaps import DestinationContext, Dialect
 from migshark.analyzer.mapping import parse_mapping
 from migshark.analyzer.records import Finding, Severity
 from migshark.dissectors import grammar as g
-from tests.test_findings_support import (
+from testkit.crafted import (
     BITMAP_ID,
     CHUNK_BITS,
     DEVICE_ID,
@@ -82,9 +82,7 @@ def test_unknown_item_then_resynchronised() -> None:
     s.footer()
     bad = s.add(b"\x42\x99\x99")
     s.section(g.ItemType.SECTION_END)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     found = findings_of(s.data())
     assert finish_ok_offset < bad
     assert_finding(found, "unknown-item", E, bad)
@@ -112,9 +110,7 @@ def test_footer_mismatch() -> None:
 def test_bad_section_version() -> None:
     s = StreamBuilder()
     section = s.section(version=2)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     assert_finding(findings_of(s.data()), "bad-section-version", E, section)
 
 
@@ -161,9 +157,7 @@ def test_no_device_name() -> None:
     s = StreamBuilder()
     s.section()
     record = s.record(F.START, bitmap_name="b0", granularity=GRAN, bitmap_flags=0)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     assert_finding(findings_of(s.data()), "no-device-name", E, record)
 
 
@@ -171,9 +165,7 @@ def test_no_bitmap_name() -> None:
     s = StreamBuilder()
     s.section()
     record = s.record(F.START, device_name="drive0", granularity=GRAN, bitmap_flags=0)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     assert_finding(findings_of(s.data()), "no-bitmap-name", E, record)
 
 
@@ -425,9 +417,7 @@ def test_incomplete_bitmap() -> None:
     s.section()
     start = s.record(F.START, device_name="drive0", bitmap_name="b0", granularity=GRAN,
                      bitmap_flags=1)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     assert_finding(findings_of(s.data()), "incomplete-bitmap", E, start)
 
 
@@ -515,9 +505,7 @@ def test_phase_notes() -> None:
     packaged = s.add(g.build_packaged(listen_inner + run_inner))
     head = len(g.build_command(g.Command.PACKAGED, bytes(4)))
     completion = s.section(g.ItemType.SECTION_END)
-    s.eos()
-    s.footer()
-    s.eof()
+    finish_ok(s)
     found = findings_of(s.data())
     phases = {f.message.removeprefix("migration phase: "): f for f in found
               if f.code == "phase"}

@@ -11,7 +11,7 @@ from migshark.analyzer.cli import main
 from migshark.analyzer.destination import DestinationError, load_destination, parse_destination
 from migshark.analyzer.mapping import MappingError, load_mapping, parse_mapping
 from migshark.dissectors import grammar as g
-from tests.test_findings_support import GRAN, F, StreamBuilder, finish_ok, started
+from testkit.crafted import GRAN, F, StreamBuilder, finish_ok, started
 
 # Trimmed from a real QEMU 7.2 destination: -drive ...,id=drive0,node-name=disk0 with
 # block-dirty-bitmap-add node=disk0 name=existing granularity=4096.

@@ -19,7 +19,8 @@ from migshark.analyzer.analysis import AnalysisOptions, MigrationStream, analyze
 from migshark.analyzer.bitmaps import BitmapTracker, DestinationContext
 from migshark.analyzer.mapping import parse_mapping
 from migshark.analyzer.records import Event, Finding, Record, Severity
-from tests.conftest import CAPTURES, require
+from testkit.paths import CAPTURES
+from testkit.require import require
 
 REAL = CAPTURES / "real"
 

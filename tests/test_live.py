@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,9 +20,11 @@ from migshark.analyzer.live import LiveDemux, PcapngWriter
 from migshark.analyzer.records import Finding
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
-from tests.conftest import REPO_ROOT, require_root, require_tools
-from tests.realqemu.harness import PRESETS, run_migration
-from tests.synthetic import precopy_stream
+from testkit.paths import REPO_ROOT
+from testkit.processes import interrupt_after, reap, wait_for_banner
+from testkit.realqemu.harness import PRESETS, run_migration
+from testkit.require import require_root, require_tools
+from testkit.synthetic import precopy_stream
 
 SRC, DST = "10.0.0.1", "10.0.0.2"
 
@@ -132,17 +132,8 @@ def _start_live(port: int, pcapng: Path, *extra: str) -> subprocess.Popen[bytes]
         [sys.executable, "-m", "migshark", "live", "-i", "lo", "--port", str(port),
          "--json", "-w", str(pcapng), *extra],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    seen = b""
-    deadline = time.monotonic() + 15
     # frames are captured from the moment it says so, like tcpdump's "listening on"
-    while b"listening on" not in seen:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"live did not start: {seen!r}")
-        seen += chunk
+    wait_for_banner(proc, b"listening on", 15, "live")
     return proc
 
 
@@ -168,9 +159,7 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
                                  f"{err[-2000:]!r}") from None
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
+            reap(proc)
     assert procs[0].returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 1, "--once prints exactly one migration"
@@ -205,7 +194,7 @@ def test_live_postcopy_real_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_return_path(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -220,7 +209,7 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.qemu
 def test_live_labels_real_multifd_channels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_multifd(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -264,20 +253,13 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
         client = socket.create_connection(("127.0.0.1", port))
         peer, _ = server.accept()
         partial = precopy_stream()[:700]  # the bitmaps started, nothing sent for them
-        client.sendall(partial)
-        received = b""
-        while len(received) < len(partial):
-            received += peer.recv(65536)
-        # the frames are on lo once the peer has them; SIGINT is Ctrl-C
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        # the frames are on lo once the peer has them
+        out, err = interrupt_after(proc, client, peer, partial)
         client.close()
         peer.close()
     finally:
         server.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+        reap(proc)
     assert b"Traceback" not in err, err.decode()
     report = json.loads(out.decode().splitlines()[0])
     migration = report["migrations"][0]

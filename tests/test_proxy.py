@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import select
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +21,11 @@ from migshark.analyzer.proxy import (
 )
 from migshark.analyzer.returnpath import ReturnPathMessage, build_message
 from migshark.dissectors import grammar as g
-from tests.conftest import REPO_ROOT, require_tools
-from tests.realqemu.harness import PRESETS, run_migration
-from tests.synthetic import precopy_stream
+from testkit.paths import REPO_ROOT
+from testkit.processes import interrupt_after, reap, wait_for_banner
+from testkit.realqemu.harness import PRESETS, run_migration
+from testkit.require import require_tools
+from testkit.synthetic import precopy_stream
 
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
@@ -67,17 +65,7 @@ def _start_proxy(listen: str, to: str) -> tuple[subprocess.Popen[bytes], str]:
         [sys.executable, "-m", "migshark", "proxy", "--listen", listen, "--to", to,
          "--json", "--once"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    seen = b""
-    deadline = time.monotonic() + 10
-    while b"\n" not in seen:
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
-        if not chunk:
-            proc.kill()
-            raise AssertionError(f"proxy did not start: {seen!r}")
-        seen += chunk
-    line = seen.decode().splitlines()[0]
+    line = wait_for_banner(proc, b"\n", 10, "proxy").decode().splitlines()[0]
     assert "listening on" in line, line
     # "migshark proxy: listening on tcp:127.0.0.1:PORT, forwarding to ..."
     return proc, line.split("listening on ", 1)[1].split(",", 1)[0]
@@ -101,9 +89,7 @@ def _migrate_through_proxy(tmp_path: Path, incoming: str | None,
         out, err = proc.communicate(timeout=15)
     finally:
         for proc in proxies:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(timeout=5)
+            reap(proc)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().splitlines()
     assert len(lines) == 1, out
@@ -148,7 +134,7 @@ def test_proxy_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mo
                                           ) -> None:
     """With the return-path capability the destination talks back; the proxy decodes it."""
     require_tools(*QEMU_TOOLS)
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_return_path(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -169,7 +155,7 @@ def test_proxy_forwards_multifd_channels(tmp_path: Path, monkeypatch: pytest.Mon
     """multifd opens extra connections to the same address; each is forwarded, and the
     main stream still yields QEMU's bitmaps."""
     require_tools(*QEMU_TOOLS)
-    from tests.realqemu import harness
+    from testkit.realqemu import harness
 
     def caps_with_multifd(qmp: harness.QMPClient) -> None:
         qmp.cmd("migrate-set-capabilities", capabilities=[
@@ -215,9 +201,7 @@ def test_proxy_forwards_byte_for_byte_and_passes_half_close_on() -> None:
         out, err = proc.communicate(timeout=15)
     finally:
         server.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+        reap(proc)
     assert got == stream
     assert back == reply
     assert proc.returncode == 0, err.decode()
@@ -236,19 +220,12 @@ def test_proxy_ctrl_c_reports_the_open_connection() -> None:
         host, port = bound.removeprefix("tcp:").rsplit(":", 1)
         client = socket.create_connection((host, int(port)), timeout=10)
         peer, _ = server.accept()
-        client.sendall(partial)
-        received = b""
-        while len(received) < len(partial):
-            received += peer.recv(65536)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
+        out, err = interrupt_after(proc, client, peer, partial)
         client.close()
         peer.close()
     finally:
         server.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
+        reap(proc)
     assert b"Traceback" not in err, err.decode()
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is False

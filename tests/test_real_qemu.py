@@ -2,7 +2,7 @@
 
 Two sources of real streams: the bundled captures in captures/real/ (made by
 captures/make_real_captures.py, ground truth recorded from QEMU at the time), and
-fresh migrations run here by tests/realqemu/harness.py. Ground truth always comes
+fresh migrations run here by testkit/realqemu/harness.py. Ground truth always comes
 from QEMU's QMP (x-debug-block-dirty-bitmap-sha256, query-block), never from us.
 """
 
@@ -20,7 +20,8 @@ from migshark.analyzer.analysis import AnalysisOptions, analyze_path
 from migshark.analyzer.cli import main as cli_main
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.records import Finding, Record, Severity
-from tests.conftest import CAPTURES, require_root, require_tools
+from testkit.paths import CAPTURES
+from testkit.require import require_root, require_tools
 
 REAL = CAPTURES / "real"
 TRUTH_FILES = sorted(REAL.glob("*.json"))
@@ -90,7 +91,7 @@ def test_real_stream_one_byte_at_a_time():
 def _postcopy_stream() -> bytes:
     """The source-to-destination bytes of the bundled postcopy capture: few records
     (no idle iterations), so hundreds of cut copies analyse quickly."""
-    from tests.realqemu.harness import read_tcp_flow
+    from testkit.realqemu.harness import read_tcp_flow
 
     truth = json.loads((REAL / "postcopy.json").read_text())
     return read_tcp_flow(REAL / "postcopy.pcap", truth["port"]).to_server
@@ -145,7 +146,7 @@ FRESH = ["precopy", "postcopy", "mapping", "flags", "exec"]
 def test_fresh_migration_matches_qemu(preset, tmp_path):
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
     require_root()
-    from tests.realqemu.harness import PRESETS, run_migration
+    from testkit.realqemu.harness import PRESETS, run_migration
 
     result = run_migration(PRESETS[preset], tmp_path)
     truth = result.ground_truth

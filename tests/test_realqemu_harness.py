@@ -1,4 +1,4 @@
-"""Tests of the real-QEMU harness itself (tests/realqemu), against real QEMU.
+"""Tests of the real-QEMU harness itself (testkit/realqemu), against real QEMU.
 
 Each scenario is migrated once per module (fixtures below); the tests then check what
 the harness promises: the migration completed, the capture is whole and holds a QEMU
@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require, require_root, require_tools
 
-from tests.realqemu.harness import (
+from testkit.realqemu.harness import (
     PRESETS,
     MigrationResult,
     expected_dirty_bytes,
     read_tcp_flow,
     run_migration,
 )
-from tests.realqemu.qmp import QMPClient, QMPError, QMPTimeout
+from testkit.realqemu.qmp import QMPClient, QMPError, QMPTimeout
+from testkit.require import require, require_root, require_tools
 
 pytestmark = pytest.mark.qemu
 

@@ -16,6 +16,7 @@ from migshark.analyzer.returnpath import (
     build_message,
     build_recv_bitmap,
 )
+from testkit.events import decode_pieces, pieces_every
 
 M = ReturnPathMessage
 
@@ -38,11 +39,7 @@ STREAM = b"".join([
 
 
 def _decode(data: bytes, chunk: int) -> list[Record | Finding]:
-    decoder = ReturnPathDecoder()
-    events: list[Record | Finding] = []
-    for i in range(0, len(data), chunk):
-        events += decoder.feed(data[i : i + chunk])
-    return events + decoder.finish()
+    return decode_pieces(ReturnPathDecoder(), pieces_every(data, chunk))
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, len(STREAM)])

@@ -26,7 +26,8 @@ from migshark.dissectors.scapy_layer import (
     effective_flags,
     record_kind,
 )
-from tests.conftest import CAPTURES, require_root, require_tools
+from testkit.paths import CAPTURES
+from testkit.require import require_root, require_tools
 
 F = g.BitmapFlag
 
@@ -122,7 +123,7 @@ def _real_capture(tmp_path: Path) -> tuple[Path, int, dict]:
         return stored, ground_truth["port"], ground_truth
     require_root()
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
-    from tests.realqemu.harness import PRESETS, run_migration
+    from testkit.realqemu.harness import PRESETS, run_migration
 
     result = run_migration(PRESETS["postcopy"], tmp_path, timeout=30)
     assert result.pcap is not None and result.port is not None
@@ -146,7 +147,7 @@ def test_real_qemu_records_dissect_identically(tmp_path: Path) -> None:
             records.append(event)
 
     analyze_path(path, AnalysisOptions(keep_buffers=True), keep)
-    from tests.realqemu.harness import read_tcp_flow
+    from testkit.realqemu.harness import read_tcp_flow
 
     data = read_tcp_flow(path, port).to_server
     kinds = {r.kind for r in records}

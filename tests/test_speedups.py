@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from migshark.analyzer import speedups
 from migshark.analyzer.analysis import InputError, analyze_path
 from migshark.analyzer.decoder import StreamDecoder
-from tests.conftest import require
-from tests.synthetic import precopy_stream
+from testkit.events import decode_pieces, pieces_at, without_c
+from testkit.require import require
+from testkit.synthetic import precopy_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = sorted(p for p in (ROOT / "captures").glob("*/*") if p.suffix in (".pcap", ".pcapng",
@@ -50,13 +51,7 @@ def test_bundled_captures_give_equal_results(native, monkeypatch, path):
 
 
 def _decode(stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
-    decoder = StreamDecoder()
-    events = []
-    pos = 0
-    for cut in [*sorted(cuts), len(stream)]:
-        events += decoder.feed(stream[pos:cut])
-        pos = max(pos, cut)
-    events += decoder.finish()
+    events = decode_pieces(StreamDecoder(), pieces_at(stream, cuts))
     return [(e.offset, e.length, type(e).__name__, getattr(e, "kind", None),
              getattr(e, "code", None), getattr(e, "fields", None)) for e in events]
 
@@ -66,11 +61,7 @@ def _decode(stream: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
 def test_decoder_under_any_chunking(cuts):
     require(speedups.native is not None, _NOT_BUILT)
     with_c = _decode(RAM_STREAM, cuts)
-    saved, speedups.native = speedups.native, None
-    try:
-        assert _decode(RAM_STREAM, cuts) == with_c
-    finally:
-        speedups.native = saved
+    assert without_c(lambda: _decode(RAM_STREAM, cuts)) == with_c
     kinds = [event[3] for event in with_c]
     assert "ram-pages" in kinds
 
@@ -214,7 +205,8 @@ def _mutation_base(suffix: str = ".pcap") -> bytes:
     if suffix not in _MUTATION_BASES:
         import tempfile
 
-        from tests.test_fastpath import Conn, migration_frames, write_pcap, write_pcapng
+        from testkit.pcapfiles import write_pcap, write_pcapng
+        from testkit.tcpflows import Conn, migration_frames
 
         frames = migration_frames(Conn("10.0.0.1", 40000, "10.0.0.2", 4444),
                                   precopy_stream(extra_pages=40), 11, True)
@@ -242,11 +234,7 @@ def test_mutated_captures_equal_with_and_without_c(tmp_path_factory, flips, cut,
     path = tmp_path_factory.mktemp("mut") / f"m{suffix}"
     path.write_bytes(bytes(data[: len(data) - cut]))
     with_c = _outcome(path)
-    saved, speedups.native = speedups.native, None
-    try:
-        assert _outcome(path) == with_c
-    finally:
-        speedups.native = saved
+    assert without_c(lambda: _outcome(path)) == with_c
 
 
 def _outcome(path: Path) -> Any:

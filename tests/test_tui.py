@@ -523,7 +523,8 @@ class CaptureReplaySource:
 
 
 def test_a_live_style_source_shows_what_the_file_shows() -> None:
-    from tests.conftest import CAPTURES, require
+    from testkit.paths import CAPTURES
+    from testkit.require import require
 
     capture = CAPTURES / "real" / "postcopy-1node.pcap"
     require(capture.exists(), f"{capture} is missing")

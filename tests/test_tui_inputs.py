@@ -14,7 +14,7 @@ from migshark.tui.app import BitmapsScreen, FindingsScreen, MigsharkApp
 from migshark.tui.fields import ByteSource, field_ranges
 from migshark.tui.model import Batch, FileSource, Store
 from migshark.tui.widgets import DiskMap, RecordList, _resample, format_row, record_style
-from tests.conftest import CAPTURES
+from testkit.paths import CAPTURES
 
 GENERATED = sorted(p for p in (CAPTURES / "generated").glob("*")
                    if p.suffix in (".bin", ".pcap", ".pcapng"))

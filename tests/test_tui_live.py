@@ -13,7 +13,7 @@ import pytest
 from migshark.tui.app import MigsharkApp
 from migshark.tui.live import LiveSource
 from migshark.tui.proxy import ProxySource
-from tests.conftest import require_root, require_tools
+from testkit.require import require_root, require_tools
 
 
 def _live_args(port: int) -> argparse.Namespace:
@@ -25,7 +25,7 @@ def _migrate_into_app(tmp_path: Path, make_source) -> tuple[MigsharkApp, dict]:
     """Run a real precopy migration whose destination URI `make_source` wraps in an
     EventSource; drive the app on that source until the source is done."""
     require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
-    from tests.realqemu.harness import PRESETS, run_migration
+    from testkit.realqemu.harness import PRESETS, run_migration
 
     apps: list[MigsharkApp] = []
     started = threading.Event()

@@ -18,14 +18,15 @@ from textual.widgets import Input
 
 from migshark.tui.app import MigsharkApp
 from migshark.tui.widgets import RecordList
-from tests.conftest import CAPTURES, require
+from testkit.paths import CAPTURES
+from testkit.require import require
 
 CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 
 
 @pytest.fixture
 def app() -> MigsharkApp:
-    require(CAPTURE.exists(), f"{CAPTURE} is missing (make it with tests/realqemu)")
+    require(CAPTURE.exists(), f"{CAPTURE} is missing (make it with testkit/realqemu)")
     return MigsharkApp.for_path(Path(CAPTURE))
 
 

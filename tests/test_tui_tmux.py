@@ -8,13 +8,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CAPTURES, REPO_ROOT, require, require_tools
+from testkit.paths import CAPTURES, REPO_ROOT
+from testkit.processes import wait_until
+from testkit.require import require, require_tools
 
 CAPTURE = CAPTURES / "real" / "postcopy-1node.pcap"
 WAIT_SECONDS = 30.0
@@ -45,14 +46,16 @@ class Tmux:
 
     def wait_for(self, condition: Callable[[str], bool], what: str) -> str:
         """Poll the pane until `condition` holds: the app's own output is the event."""
-        deadline = time.monotonic() + WAIT_SECONDS
         screen = ""
-        while time.monotonic() < deadline:
+
+        def shown() -> bool:
+            nonlocal screen
             screen = self.screen()
-            if condition(screen):
-                return screen
-            time.sleep(0.05)
-        pytest.fail(f"timed out waiting for {what}; the screen was:\n{screen}")
+            return condition(screen)
+
+        if not wait_until(shown, WAIT_SECONDS):
+            pytest.fail(f"timed out waiting for {what}; the screen was:\n{screen}")
+        return screen
 
     def wait_text(self, text: str) -> str:
         return self.wait_for(lambda screen: text in screen, repr(text))

@@ -1,4 +1,4 @@
-"""Crafted migration streams for the findings tests, built through the grammar.
+"""Crafted dirty-bitmap streams for the findings and fuzz tests, built through the grammar.
 
 `StreamBuilder` remembers where each piece lands, so that a test can assert the
 exact byte offset of a finding without counting bytes by hand.

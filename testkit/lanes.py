@@ -1,5 +1,5 @@
 """The per-record event stream of an analysis, and its comparison between the C lane
-and pure Python (used by tests/test_capture_differential.py and
+and pure Python (tests/test_capture_differential.py and
 tests/test_capture_busy_host.py).
 
 Every Record and Finding is compared with all its attributes but the timestamp: a
@@ -19,7 +19,7 @@ import pytest
 from migshark.analyzer import speedups
 from migshark.analyzer.analysis import InputError, MigrationStream, analyze_path
 from migshark.analyzer.records import Event
-from tests.conftest import require
+from testkit.require import require
 
 NOT_BUILT = "migshark.analyzer._speedups was not built (no C compiler or Python headers)"
 

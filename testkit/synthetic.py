@@ -1,4 +1,5 @@
-"""Small hand-built migration streams for decoder tests (built through the grammar)."""
+"""Small hand-built migration streams (built through the grammar) for the decoder,
+capture, live and proxy tests."""
 
 from __future__ import annotations
 
