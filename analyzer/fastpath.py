@@ -280,11 +280,10 @@ class _Pump:
         gathered_ts = 0.0
         count = 0
         taken: Frame | None = None  # the last frame the lane took, if no general one since
-        for frame in frames:
-            count += 1
-            data = frame.data
+        for count, frame in enumerate(frames, 1):  # noqa: B007 - count is the result
+            timestamp, linktype, data = frame[:3]
             size = len(data)
-            if size >= _HEADERS_LEN and frame.linktype == LINKTYPE_ETHERNET:
+            if size >= _HEADERS_LEN and linktype == LINKTYPE_ETHERNET:
                 head, total, frag, proto, key, seq, offres, flags = headers(data, 0)
                 lane = lanes.get(key)
                 if (lane is not None and head == _IPV4_NO_OPTIONS and proto == 6
@@ -306,7 +305,7 @@ class _Pump:
                                 if n < _DIRECT and gathered_for is stream:
                                     # The common case: gather.
                                     gathered += data[data_start:frame_end]
-                                    gathered_ts = frame.timestamp
+                                    gathered_ts = timestamp
                                     if len(gathered) >= _GATHER:
                                         stream.feed(memoryview(gathered), gathered_ts)
                                         gathered = bytearray()
@@ -315,10 +314,10 @@ class _Pump:
                                     gathered_for.feed(memoryview(gathered), gathered_ts)  # type: ignore[union-attr]
                                     gathered = bytearray()
                                 if n >= _DIRECT:
-                                    stream.feed(data[data_start:frame_end], frame.timestamp)
+                                    stream.feed(data[data_start:frame_end], timestamp)
                                 else:
                                     gathered += data[data_start:frame_end]
-                                    gathered_ts = frame.timestamp
+                                    gathered_ts = timestamp
                                 gathered_for = stream
                                 continue
                             if skip:  # data the demux would drop: only the sequence moves

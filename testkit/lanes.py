@@ -53,12 +53,42 @@ def event_stream(path: Path) -> list[tuple[Any, ...]]:
     return events
 
 
+def reassembly_state(path: Path) -> list[Any]:
+    """Every connection's reassembly statistics after a pass (both directions): the
+    lanes also move flows whose data no event shows (skip lanes), and must move them
+    as the reassembler would."""
+    from migshark.analyzer.analysis import AnalysisOptions, CaptureDemux
+    from migshark.analyzer.capture import CaptureFormatError, CaptureReader
+    from migshark.analyzer.fastpath import pump_capture
+
+    try:
+        reader = CaptureReader(path)
+    except CaptureFormatError as error:
+        return [str(error)]
+    demux = CaptureDemux(AnalysisOptions())
+    outcome: Any = None
+    try:
+        pump_capture(reader, demux)
+    except CaptureFormatError as error:
+        outcome = str(error)
+    state: list[Any] = [outcome, reader.truncated_at]
+    for conn in demux.reassembler.connections:
+        state.append((demux.reassembler.stats(conn.client), demux.reassembler.stats(conn.server)))
+    demux.finish()
+    state.append(demux.reassembler.last_timestamp)
+    reader.close()
+    return state
+
+
 def both_lanes(path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     require(speedups.native is not None, NOT_BUILT)
     with_c = event_stream(path)
+    c_state = reassembly_state(path)
     with monkeypatch.context() as patch:
         patch.setattr(speedups, "native", None)
         pure = event_stream(path)
+        pure_state = reassembly_state(path)
+    assert c_state == pure_state, "the lanes left the reassembler in different states"
     assert len(with_c) == len(pure)
     for i, (c_event, pure_event) in enumerate(zip(with_c, pure, strict=True)):
         assert c_event == pure_event, f"event {i} differs"
