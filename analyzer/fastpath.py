@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from migshark.analyzer import speedups
 from migshark.analyzer.capture import CaptureFormatError, CaptureReader, parse_frame
 from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET
-from migshark.analyzer.capture.pcapfile import _RELEASE_STEP, Frame, PcapngWalker, PcapWalker
+from migshark.analyzer.capture.pcapfile import RELEASE_STEP, Frame, PcapngWalker, PcapWalker
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import CaptureDemux, MigrationStream
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _MASK = 0xFFFFFFFF
 _PREFAULT_AHEAD = 48 << 20  # how far the prefault thread may run ahead of the walk
 _PUBLISH_STEP = 4 << 20  # how often the walk tells it where it is
-_RELEASE_LAG = 2 * _RELEASE_STEP  # the walk releases itself past this
+_RELEASE_LAG = 2 * RELEASE_STEP  # the walk releases itself past this
 _GATHER = 1 << 16  # bytes gathered from small segments before one feed
 _DIRECT = 1 << 14  # segments at least this big are fed without copying
 # A C call that needs Python for a record after fewer records than this, and fewer
@@ -362,7 +362,7 @@ class _Pump:
         lanes = self.lanes
         off = walker.first
         last = -1  # the last record C consumed, if no general one since
-        release_at = _RELEASE_STEP
+        release_at = RELEASE_STEP
         control = prefaulter.control
         python_budget = 0  # records the Python lane takes before C is tried again
         backoff = 0
@@ -440,7 +440,7 @@ class _Pump:
                     prefaulter.start(off)
                 elif walked >= _PUBLISH_STEP and 4 * lane_bytes < walked:
                     prefaulter.stop()
-                    release_at = min(release_at, off + _RELEASE_STEP)
+                    release_at = min(release_at, off + RELEASE_STEP)
             if status != 1:
                 continue
             if not worthwhile:
@@ -448,7 +448,7 @@ class _Pump:
                 python_budget = backoff
                 if backoff >= _PYTHON_WALKS:
                     prefaulter.stop()
-                    release_at = min(release_at, off + _RELEASE_STEP)
+                    release_at = min(release_at, off + RELEASE_STEP)
             # The record at off needs Python: truncated, a block C does not read, or not
             # a frame C's lane takes (handshake, retransmission, another flow...).
             if last >= 0:
@@ -477,7 +477,7 @@ class _Prefaulter:
 
     Faulting a file mapping in and out costs about as much as walking it in C; on a
     second core it overlaps. The walk publishes its offset in control[0]; the thread
-    stays at most _PREFAULT_AHEAD bytes ahead and releases in _RELEASE_STEP steps
+    stays at most _PREFAULT_AHEAD bytes ahead and releases in RELEASE_STEP steps
     behind, so what is mapped at once (and RSS) stays bounded as without it. While
     the Python lane walks, the walk is far slower than the faults and the thread
     only competes with it (for the core, and with its unmapping's TLB flushes):
@@ -488,7 +488,7 @@ class _Prefaulter:
         self.reader = reader
         self.view: memoryview | None = reader.view
         # consumer offset, stop, how far ahead, release step, released so far
-        self.control = array.array("q", [0, 0, _PREFAULT_AHEAD, _RELEASE_STEP, 0])
+        self.control = array.array("q", [0, 0, _PREFAULT_AHEAD, RELEASE_STEP, 0])
         self.thread: threading.Thread | None = None
 
     def start(self, off: int) -> None:

@@ -87,8 +87,8 @@ _PCAP_MAGICS: dict[int, tuple[str, int, int]] = {
 }
 
 _U32_LE = struct.Struct("<I")
-# How often consumed pages of the mapping are released (see _release_behind).
-_RELEASE_STEP = 32 << 20
+# How often consumed pages of the mapping are released (see CaptureReader.release_behind).
+RELEASE_STEP = 32 << 20
 _tuple_new = tuple.__new__
 # Not every platform's mmap has it; without it RSS just is not trimmed.
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
@@ -228,7 +228,7 @@ class CaptureReader:
         if self._mm is not None and end > self._released and _MADV_DONTNEED is not None:
             self._mm.madvise(_MADV_DONTNEED, self._released, end - self._released)
             self._released = end
-        return off + _RELEASE_STEP
+        return off + RELEASE_STEP
 
     def report_truncated(self, offset: int, reason: str) -> None:
         """The file ends inside the record at `offset` (see truncated_at)."""
@@ -363,7 +363,7 @@ class PcapWalker:
         linktype = self.linktype
         divisor = self.ts_divisor
         new = _tuple_new
-        release_at = off + _RELEASE_STEP if release else size
+        release_at = off + RELEASE_STEP if release else size
         stop = min(stop, size)
         self.next_off = off
         while off < stop:
@@ -435,7 +435,7 @@ class PcapngWalker:
         size = min(stop, len(self.view))
         step = self.step
         self.next_off = off
-        release_at = off + _RELEASE_STEP if release else size
+        release_at = off + RELEASE_STEP if release else size
         while off < size:
             if off >= release_at:
                 release_at = self.reader.release_behind(off)
