@@ -28,7 +28,7 @@ import pytest
 from migshark.analyzer.capture import CaptureReader
 from testkit.lanes import both_lanes
 from testkit.paths import REPO_ROOT
-from testkit.require import require_root, require_tools
+from testkit.require import require_qemu, require_root, require_tools
 
 BACKGROUND_CONNECTIONS = 400
 ROUND_PAUSE = 0.1  # between rounds of one small send per connection: ~4k packets/s
@@ -196,7 +196,7 @@ def other_connections(path: Path, migration_port: int) -> int:
     return len(with_data)
 
 
-def capture_busy_migration(workdir: Path) -> tuple[Path, Any]:
+def capture_busy_migration(workdir: Path, qemu: Any) -> tuple[Path, Any]:
     """One run: background connections, the capture, the migration; (pcap, result).
     Raises UnusableRun when tcpdump lost frames of the migration itself (the kernel
     drops frames when a loaded machine cannot keep up)."""
@@ -218,7 +218,8 @@ def capture_busy_migration(workdir: Path) -> tuple[Path, Any]:
             return dest_uri
 
         result = run_migration(PRESETS["precopy"], workdir / "run", capture=False,
-                               via=capture_then_migrate, timeout=120, attempts=1)
+                               via=capture_then_migrate, timeout=120, attempts=1,
+                               source=qemu, dest=qemu)
         time.sleep(0.3)
     finally:
         traffic.stop()
@@ -232,19 +233,23 @@ def capture_busy_migration(workdir: Path) -> tuple[Path, Any]:
 
 
 @pytest.mark.qemu
-def test_migration_among_400_connections_matches_qemu_on_both_lanes(tmp_path, monkeypatch):
-    require_tools("qemu-system-x86_64", "qemu-img", "tcpdump")
+@pytest.mark.parametrize("version", ["7.2", "10.0"])
+def test_migration_among_400_connections_matches_qemu_on_both_lanes(version, tmp_path,
+                                                                    monkeypatch):
+    require_tools("tcpdump")
     require_root()
+    qemu = require_qemu(version)
     from testkit.realqemu.harness import UnusableRun
 
     for attempt in range(1, 4):
         try:
-            pcap, result = capture_busy_migration(tmp_path / f"attempt-{attempt}")
+            pcap, result = capture_busy_migration(tmp_path / f"attempt-{attempt}", qemu)
             break
         except UnusableRun:
             if attempt == 3:
                 raise
     truth = result.ground_truth
+    assert truth["qemu_version"].startswith(version + ".")
     assert other_connections(pcap, result.port) >= BACKGROUND_CONNECTIONS
 
     for pure in (False, True):
