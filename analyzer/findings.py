@@ -211,6 +211,16 @@ CATALOGUE: dict[str, FindingKind] = {
         FindingKind("phase", N,
                     "The migration entered a new phase: setup, iteration, completion, "
                     "postcopy-listen or postcopy-run.", "-", ""),
+        FindingKind("missed-start", W,
+                    "The capture began after the migration did: the stream header and the "
+                    "records before the first one recognised are not in it.",
+                    "Not a QEMU error: the capture, not the migration, missed them."),
+        FindingKind("bitmap-without-start", W,
+                    "A bitmap's START record is not in the capture; it is rebuilt from its "
+                    "BITS and COMPLETE with the granularity the chunk sizes (or the "
+                    "destination) allow, and no hash when more than one fits. Its enabled "
+                    "and persistent flags are unknown.",
+                    "Not a QEMU error: the capture, not the migration, missed START."),
         FindingKind("resynchronised", N,
                     "The decoder skipped N bytes to find the next recognisable item.",
                     "-", ""),

@@ -13,6 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from migshark.analyzer import findings
+from migshark.analyzer.decode.state import Section
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
@@ -26,6 +27,16 @@ _PART, _END = int(g.ItemType.SECTION_PART), int(g.ItemType.SECTION_END)
 _FULL, _START = int(g.ItemType.SECTION_FULL), int(g.ItemType.SECTION_START)
 _COMMAND = int(g.ItemType.COMMAND)
 _CANDIDATE_TYPES = frozenset((_PART, _END, _FULL, _START, _EOF))
+_BE64 = struct.Struct(">Q")
+_FOOTER = int(g.ItemType.SECTION_FOOTER)
+_RAM_EOS = int(g.RamFlag.EOS)
+_RAM_PAGE_OR_ZERO = int(g.RamFlag.PAGE | g.RamFlag.ZERO)
+_RAM_CONTINUE = int(g.RamFlag.CONTINUE)
+_BITMAP_EOS = int(g.BitmapFlag.EOS)
+_BITMAP_NAMES = int(g.BitmapFlag.DEVICE_NAME | g.BitmapFlag.BITMAP_NAME)
+_BITMAP_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
+# QEMU numbers sections from 0 in the order devices registered: a few hundred at most.
+_MAX_GUESSED_SECTION_ID = 1 << 16
 # A candidate still undecided this far from the end of the data is stepped over one
 # byte at a time rather than waited for (a long counted name of garbage).
 _WAIT_AT_MOST = 600
@@ -70,6 +81,68 @@ def plausible_next_item(machine: FramingMachine, pos: int, limit: int) -> bool |
         if pos + 3 > limit:
             return None
         return 0 < _BE16.unpack_from(buf, pos + 1)[0] <= 32
+    return False
+
+
+def _footer_at(buf: bytearray, pos: int, limit: int, section_id: int) -> bool | None:
+    if pos + 5 > limit:
+        return None
+    return buf[pos] == _FOOTER and _BE32.unpack_from(buf, pos + 1)[0] == section_id
+
+
+def _dirty_bitmap_payload(buf: bytearray, pos: int, limit: int,
+                          section_id: int) -> bool | None:
+    """Whether a dirty-bitmap payload starts at pos, in one of the two shapes QEMU
+    sends first in a section: an empty iteration (EOS, then the footer), or a record
+    naming its device and bitmap (a section's first record always names both)."""
+    if pos >= limit:
+        return None
+    flags = buf[pos]
+    if flags == _BITMAP_EOS:
+        return _footer_at(buf, pos + 1, limit, section_id)
+    if flags & _BITMAP_EXTRA or flags & _BITMAP_NAMES != _BITMAP_NAMES:
+        return False
+    device = plausible_name_at(buf, pos + 1, limit)
+    if not device:
+        return device
+    return plausible_name_at(buf, pos + 2 + buf[pos + 1], limit)
+
+
+def _ram_payload(buf: bytearray, pos: int, limit: int, section_id: int,
+                 page_mask: int) -> bool | None:
+    """Whether a RAM payload starts at pos: an empty iteration (EOS, then the footer)
+    or a page that names its RAM block (a CONTINUE page needs a block it cannot say)."""
+    if pos + 8 > limit:
+        return None
+    header = _BE64.unpack_from(buf, pos)[0]
+    if header == _RAM_EOS:
+        return _footer_at(buf, pos + 8, limit, section_id)
+    flags = header & page_mask
+    if flags & ~_RAM_PAGE_OR_ZERO or not flags or flags & _RAM_CONTINUE:
+        return False
+    return plausible_name_at(buf, pos + 8, limit)
+
+
+def guess_section(machine: FramingMachine, pos: int, limit: int) -> Section | bool | None:
+    """The section a PART/END header at pos belongs to when no START in the capture
+    named its id (a capture that began mid-stream), judged by the payload that
+    follows: a dirty-bitmap or RAM section, learned as such. False: neither fits;
+    None: not enough bytes to say."""
+    buf = machine.rb.data
+    if pos + 5 > limit:
+        return None
+    section_id = _BE32.unpack_from(buf, pos + 1)[0]
+    if section_id >= _MAX_GUESSED_SECTION_ID:
+        return False
+    verdict = _dirty_bitmap_payload(buf, pos + 5, limit, section_id)
+    if verdict:
+        return Section(section_id, g.DIRTY_BITMAP_SECTION_IDSTR, 0,
+                       g.DIRTY_BITMAP_SECTION_VERSION)
+    ram = _ram_payload(buf, pos + 5, limit, section_id, machine.page_mask)
+    if ram:
+        return Section(section_id, g.RAM_SECTION_IDSTR, 0, g.RAM_SECTION_VERSION)
+    if verdict is None or ram is None:
+        return None
     return False
 
 
@@ -147,5 +220,11 @@ class Resynchroniser:
             return None
         section = self.machine.sections.get(_BE32.unpack_from(buf, pos + 1)[0])
         if section is None:
-            return False
+            if not self.machine.learning:
+                return False
+            guessed = guess_section(self.machine, pos, end)
+            if not isinstance(guessed, Section):
+                return guessed
+            self.machine.learn_section(guessed, self.rb.absolute(pos))
+            return True
         return self.machine.dissector_for(section.idstr).plausible_start(buf, pos + 5, end)
