@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
 MAX_BITMAP_BYTES = 64 << 20
 
 SECTOR = g.SECTOR_SIZE
+# The node or bitmap name of records whose naming record the capture missed.
+NOT_CAPTURED = "(not captured)"
 # BITS records held for a bitmap whose START is missing, until its granularity is
 # known: a million chunks is a 4 TiB disk at 512-byte granularity.
 MAX_STARTLESS_CHUNKS = 1 << 20
@@ -333,19 +335,25 @@ class BitmapTracker:
             found += self._check_bitmap_alias(event)
         if nothing:
             return found
-        if event.node is None:
+        node, bitmap = event.node, event.bitmap
+        if self._missed is not None:
+            # The record that named them may be what the capture missed (QEMU names a
+            # device only when it changes, even across sections).
+            node = NOT_CAPTURED if node is None else node
+            bitmap = NOT_CAPTURED if bitmap is None else bitmap
+        if node is None:
             found += self._once("no-device-name", "", event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a device; QEMU: 'Error: block device name is not set'")
             return found
-        if event.bitmap is None:
-            found += self._once("no-bitmap-name", event.node, event,
+        if bitmap is None:
+            found += self._once("no-bitmap-name", node, event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a bitmap; QEMU: 'Error: block device name is not set' (sic)")
             return found
         if kind in (Kind.BITMAP_EOS, Kind.BITMAP_EMPTY):
             return found
-        key = (event.node, event.bitmap)
+        key = (node, bitmap)
         if kind == Kind.BITMAP_START:
             found += self._start(key, event)
         elif kind == Kind.BITMAP_BITS:

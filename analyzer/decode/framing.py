@@ -191,11 +191,14 @@ class FramingMachine(EventQueue):
         self.set_state(State.RESYNC)
         self.current = None
 
-    def start_mid_stream(self) -> None:
+    def start_mid_stream(self, at: int = 0) -> None:
         """The data begins somewhere inside a stream (a capture that started after the
-        connection did): no header to read; find the first recognisable item."""
+        connection did), `at` bytes after the first byte seen of it: no header to
+        read; find the first recognisable item."""
         self.learning = True
         self._report_missed_start(0, "the capture began after the migration did")
+        if at:
+            self.rb.lose(at)  # seen, and judged not to be migration records
         self.enter_resync(0)
 
     def learn_section(self, section: Section, offset: int) -> None:

@@ -9,6 +9,7 @@ EOF + VMDESCRIPTION. The guesses here are also used by the device-state footer s
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import TYPE_CHECKING
 
@@ -144,6 +145,34 @@ def guess_section(machine: FramingMachine, pos: int, limit: int) -> Section | bo
     if verdict is None or ram is None:
         return None
     return False
+
+
+# Where a section payload QEMU sends first can start (guess_section's shapes), as a
+# prefilter: PART/END, a section id below 2^16, then an empty dirty-bitmap or RAM
+# iteration with its footer, or a dirty-bitmap record naming device and bitmap.
+_MIGRATION_RECORDS = re.compile(
+    rb"[\x02\x03]\x00\x00(..)(?:\x01\x7e\x00\x00\1|\x00{7}\x10\x7e\x00\x00\1"
+    rb"|[\x1c\x2c\x4c\x4e][\x01-\x7f])", re.DOTALL)
+# How far a match may need to look past its start to be judged (two counted names).
+SIGNATURE_LOOKAHEAD = 5 + 1 + 2 * 256
+
+
+def find_migration_records(data: bytes | bytearray | memoryview, page_mask: int = 0xFFF
+                           ) -> int | None:
+    """Index of the first place in data that looks like a dirty-bitmap or RAM section
+    item of a migration stream whose start is missing (None: nowhere). Wireshark's
+    heuristic dissectors judge a flow so; the pattern is specific enough (an id
+    repeated in the footer, or two printable counted names) that other TCP payloads
+    seldom match, and a false match only costs a resynchronisation."""
+    buf = bytearray(data) if not isinstance(data, bytearray) else data
+    limit = len(buf)
+    for match in _MIGRATION_RECORDS.finditer(buf):
+        pos = match.start()
+        section_id = _BE32.unpack_from(buf, pos + 1)[0]
+        if (_dirty_bitmap_payload(buf, pos + 5, limit, section_id)
+                or _ram_payload(buf, pos + 5, limit, section_id, page_mask)):
+            return pos
+    return None
 
 
 class Resynchroniser:
