@@ -112,6 +112,10 @@ class StreamDecoder(FramingMachine):
             return self._drain()
         rb = self.rb
         gap_start = self.offset
+        if self.state is State.HEADER and not gap_start:
+            # Nothing before the hole: the capture began after the stream did.
+            self.start_mid_stream(length)
+            return self._drain()
         if rb.skip >= length:
             # The hole lies inside page data or a buffer we were skipping anyway:
             # decoding continues exactly, only the skipped bytes are unknown.
