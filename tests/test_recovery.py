@@ -467,3 +467,26 @@ def test_gap_after_some_chunks_stays_incomplete(gap_before: int) -> None:
     assert result["sha256"] is None and result["status"] == "incomplete"
     assert "capture-gap" in result["reason"]
     assert "do not cover the whole disk" in result["reason"]
+
+
+def test_gap_that_swallowed_the_start_section(tmp_path: Path) -> None:
+    """The hole holds the setup dirty-bitmap section (its header and every START):
+    its id is learned from the idle iterations and the bitmaps are rebuilt without
+    START, hashed where the chunks pin the granularity down."""
+    from migshark.analyzer.decode.stream import decode_bytes
+
+    stream = _reassembled("precopy")
+    events = decode_bytes(stream)
+    setup = next(e for e in events if isinstance(e, Record) and e.kind == "section-start"
+                 and e.section == "dirty-bitmap")
+    footer = next(e for e in events if isinstance(e, Record) and e.kind == "footer"
+                  and e.offset > setup.offset)
+    gapped = write_pcap(tmp_path / "gap.pcap", _resent_with_hole(
+        stream, setup.offset, footer.offset + footer.length, 4444))
+    result = _analyze(gapped)
+    assert "unknown-section" not in _codes(result)
+    truth = _truth("precopy")
+    hashed = [b for b in result["bitmaps"] if b["sha256"] is not None]
+    assert len(hashed) == 4
+    for bitmap in hashed:
+        assert bitmap["start_missed"] and bitmap["sha256"] in _matching_truth(bitmap, truth)

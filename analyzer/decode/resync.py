@@ -47,7 +47,7 @@ def printable(name: bytes) -> bool:
     return bool(name) and all(0x20 < b < 0x7F for b in name)
 
 
-def plausible_name_at(buf: bytearray, pos: int, limit: int) -> bool | None:
+def plausible_name_at(buf: bytes | bytearray, pos: int, limit: int) -> bool | None:
     """Whether a counted idstr at pos looks like one QEMU writes (None: not enough
     bytes yet). Used where the decoder has to guess where the next item starts."""
     if pos >= limit:
@@ -85,13 +85,13 @@ def plausible_next_item(machine: FramingMachine, pos: int, limit: int) -> bool |
     return False
 
 
-def _footer_at(buf: bytearray, pos: int, limit: int, section_id: int) -> bool | None:
+def _footer_at(buf: bytes | bytearray, pos: int, limit: int, section_id: int) -> bool | None:
     if pos + 5 > limit:
         return None
     return buf[pos] == _FOOTER and _BE32.unpack_from(buf, pos + 1)[0] == section_id
 
 
-def _dirty_bitmap_payload(buf: bytearray, pos: int, limit: int,
+def _dirty_bitmap_payload(buf: bytes | bytearray, pos: int, limit: int,
                           section_id: int) -> bool | None:
     """Whether a dirty-bitmap payload starts at pos, in one of the two shapes QEMU
     sends first in a section: an empty iteration (EOS, then the footer), or a record
@@ -109,7 +109,7 @@ def _dirty_bitmap_payload(buf: bytearray, pos: int, limit: int,
     return plausible_name_at(buf, pos + 2 + buf[pos + 1], limit)
 
 
-def _ram_payload(buf: bytearray, pos: int, limit: int, section_id: int,
+def _ram_payload(buf: bytes | bytearray, pos: int, limit: int, section_id: int,
                  page_mask: int) -> bool | None:
     """Whether a RAM payload starts at pos: an empty iteration (EOS, then the footer)
     or a page that names its RAM block (a CONTINUE page needs a block it cannot say)."""
@@ -164,7 +164,8 @@ def find_migration_records(data: bytes | bytearray | memoryview, page_mask: int 
     heuristic dissectors judge a flow so; the pattern is specific enough (an id
     repeated in the footer, or two printable counted names) that other TCP payloads
     seldom match, and a false match only costs a resynchronisation."""
-    buf = bytearray(data) if not isinstance(data, bytearray) else data
+    # bytes and bytearray index and unpack alike; only a memoryview is copied.
+    buf = bytes(data) if isinstance(data, memoryview) else data
     limit = len(buf)
     for match in _MIGRATION_RECORDS.finditer(buf):
         pos = match.start()

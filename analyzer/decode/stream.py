@@ -138,6 +138,8 @@ class StreamDecoder(FramingMachine):
             fields={"length": length, "inside_skipped_data": False}))
         for dissector in self._all_dissectors:
             dissector.interrupted(gap_start)
+        # The hole may have held a section's START: learn its id from its payload.
+        self.learning = True
         self._release_deferred()
         rb.lose(length)
         self.package_end = None
