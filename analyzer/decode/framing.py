@@ -28,6 +28,7 @@ from migshark.analyzer.decode.receivebuffer import ReceiveBuffer
 from migshark.analyzer.decode.resync import Resynchroniser
 from migshark.analyzer.decode.sections import SectionDissector, dissector_classes
 from migshark.analyzer.decode.state import NeedMore, Section, State
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, EventQueue, Finding, Record
 from migshark.analyzer.vmstate import index_vmdesc
 from migshark.dissectors import grammar as g
@@ -191,7 +192,7 @@ class FramingMachine(EventQueue):
         if name in self._phases:
             return
         self._phases.add(name)
-        self.emit(findings.make("phase", f"migration phase: {name}", offset,
+        self.emit(findings.make(Code.PHASE, f"migration phase: {name}", offset,
                                 fields={"phase": name}))
 
     def _package_overrun(self, what: str) -> None:
@@ -199,7 +200,7 @@ class FramingMachine(EventQueue):
         start = self.rb.offset
         assert self.package_end is not None
         self.emit(findings.make(
-            "truncated", f"{what} at {start:#x} runs past the end of its PACKAGED command "
+            Code.TRUNCATED, f"{what} at {start:#x} runs past the end of its PACKAGED command "
             f"at {self.package_end:#x}", start, length=self.package_end - start,
             section=self.section_name(),
             fields={"element": what, "package_end": self.package_end}))
@@ -221,7 +222,7 @@ class FramingMachine(EventQueue):
         magic, version = raw[:4], _BE32.unpack_from(raw, 4)[0]
         if magic != g.QEVM_MAGIC:
             self.emit(findings.make(
-                "bad-magic", f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
+                Code.BAD_MAGIC, f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
                 fields={"magic": magic.hex()}))
             self.enter_resync(0)
             return None
@@ -230,7 +231,7 @@ class FramingMachine(EventQueue):
                     magic="QEVM", version=header.version)
         if version != g.QEVM_VERSION:
             self.emit(findings.make(
-                "bad-version", f"stream version {version}, QEMU reads only 3", 4, length=4,
+                Code.BAD_VERSION, f"stream version {version}, QEMU reads only 3", 4, length=4,
                 fields={"version": version, "expected": g.QEVM_VERSION}))
         rb.pos += 8
         self.set_state(State.ITEM)
@@ -249,7 +250,7 @@ class FramingMachine(EventQueue):
         reader = ITEM_READERS.get(item_type)
         if reader is None:
             self.emit(findings.make(
-                "unknown-item", f"unknown item type byte {item_type:#04x}", self.item_start,
+                Code.UNKNOWN_ITEM, f"unknown item type byte {item_type:#04x}", self.item_start,
                 length=1, section=self.section_name(), fields={"item_type": item_type}))
             self.enter_resync(self.item_start)
             return None
@@ -268,7 +269,7 @@ class FramingMachine(EventQueue):
     def _trailing(self) -> None:
         start = self.rb.offset
         self.emit(findings.make(
-            "trailing-data", f"data after the end of the stream at {start:#x}", start))
+            Code.TRAILING_DATA, f"data after the end of the stream at {start:#x}", start))
         self.set_state(State.DONE)
 
     def _read_done(self) -> NeedMore | None:
@@ -313,7 +314,7 @@ class FramingMachine(EventQueue):
                     section_id=footer_id)
         if footer_id != section.section_id:
             self.emit(findings.make(
-                "footer-mismatch",
+                Code.FOOTER_MISMATCH,
                 f"footer names section {footer_id}, but section "
                 f"{section.section_id} ({section.idstr}) just ended", start, length=5,
                 section=section.idstr,
@@ -330,7 +331,7 @@ class FramingMachine(EventQueue):
         found = (f"byte {rb.data[rb.pos]:#04x}" if rb.pos < len(rb.data)
                  else "the end of data")
         self.emit(findings.make(
-            "footer-mismatch", f"no footer after section {section.section_id} "
+            Code.FOOTER_MISMATCH, f"no footer after section {section.section_id} "
             f"({section.idstr}); found {found}", start, section=section.idstr,
             fields={"section_id": section.section_id,
                     "found": rb.data[rb.pos] if rb.pos < len(rb.data) else None}))

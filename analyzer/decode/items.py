@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.state import NeedMore, Section, State
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
@@ -56,7 +57,7 @@ def read_vmdescription(machine: FramingMachine) -> NeedMore | None:
     length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
     if length > MAX_VMDESCRIPTION:
         machine.emit(findings.make(
-            "truncated", f"VMDESCRIPTION claims {length} bytes, more than the "
+            Code.TRUNCATED, f"VMDESCRIPTION claims {length} bytes, more than the "
             f"{MAX_VMDESCRIPTION} this decoder accepts", start,
             fields={"element": "VMDESCRIPTION", "length": length,
                     "limit": MAX_VMDESCRIPTION}))
@@ -89,7 +90,7 @@ def read_configuration(machine: FramingMachine) -> NeedMore | None:
     length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
     if length > MAX_CONFIGURATION:
         machine.emit(findings.make(
-            "truncated", f"CONFIGURATION claims a {length}-byte machine type",
+            Code.TRUNCATED, f"CONFIGURATION claims a {length}-byte machine type",
             start, section="configuration",
             fields={"element": "CONFIGURATION", "length": length,
                     "limit": MAX_CONFIGURATION}))
@@ -200,7 +201,7 @@ def read_section_header_short(machine: FramingMachine) -> NeedMore | None:
         machine.current = None
         machine.record(kind, start, start + 5, spans, section_id=section_id)
         machine.emit(findings.make(
-            "unknown-section", f"{kind} for section id {section_id}, never started",
+            Code.UNKNOWN_SECTION, f"{kind} for section id {section_id}, never started",
             start, length=5, fields={"section_id": section_id}))
         rb.pos += 5
         machine.enter_resync(rb.offset)
@@ -224,7 +225,7 @@ def read_stray_footer(machine: FramingMachine) -> NeedMore | None:
                    (("item_type", start, 1), ("section_id", start + 1, 4)),
                    section_id=section_id)
     machine.emit(findings.make(
-        "footer-mismatch", f"section footer for id {section_id} outside any section",
+        Code.FOOTER_MISMATCH, f"section footer for id {section_id} outside any section",
         start, length=5, fields={"footer_section_id": section_id}))
     rb.pos += 5
     return None
@@ -254,7 +255,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
         if length != 4:
             machine.record("command", start, end, spans, **fields)
             machine.emit(findings.make(
-                "bad-command", f"PACKAGED with a {length}-byte argument, not 4",
+                Code.BAD_COMMAND, f"PACKAGED with a {length}-byte argument, not 4",
                 start, length=size,
                 fields={"command": name, "length": length, "expected": 4}))
             return None
@@ -264,7 +265,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
                        **fields)
         if inner > g.MAX_PACKAGED_SIZE or machine.depth:
             machine.emit(findings.make(
-                "bad-packaged",
+                Code.BAD_PACKAGED,
                 f"PACKAGED of {inner} bytes (QEMU accepts at most {g.MAX_PACKAGED_SIZE}, "
                 "not nested)", start, length=size,
                 fields={"packaged_length": inner, "limit": g.MAX_PACKAGED_SIZE,

@@ -13,6 +13,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from migshark.analyzer import findings
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
@@ -100,7 +101,7 @@ class Resynchroniser:
                 found = rb.absolute(pos)
                 skipped = found - (self.resync_from or 0)
                 self.machine.emit(findings.make(
-                    "resynchronised",
+                    Code.RESYNCHRONISED,
                     f"skipped {skipped} bytes from {self.resync_from:#x} to the next "
                     f"recognisable item at {found:#x}", self.resync_from or 0,
                     length=skipped, fields={"skipped": skipped, "resumed_at": found}))
@@ -117,11 +118,11 @@ class Resynchroniser:
         skipped = end - (self.resync_from if self.resync_from is not None else end)
         if skipped:
             self.machine.emit(findings.make(
-                "resynchronised",
+                Code.RESYNCHRONISED,
                 f"skipped {skipped} bytes to the end of data without finding an item",
                 end - skipped, length=skipped, fields={"skipped": skipped, "resumed_at": None}))
         self.machine.emit(findings.make(
-            "truncated", "the stream ended while resynchronising, before EOF", end,
+            Code.TRUNCATED, "the stream ended while resynchronising, before EOF", end,
             fields={"element": None}))
 
     def _candidate(self, pos: int, end: int) -> bool | None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from migshark.analyzer import findings
 from migshark.analyzer.decode.resync import plausible_next_item
 from migshark.analyzer.decode.sections.base import SectionDissector, register_fallback
+from migshark.analyzer.findings import Code
 from migshark.analyzer.vmstate import (
     VmstateIncomplete,
     VmstateInvalid,
@@ -63,7 +64,7 @@ class DeviceDissector(SectionDissector):
                     return machine.short(short.needed - start_pos, self.description)
                 except VmstateInvalid as bad:
                     machine.emit(findings.make(
-                        "vmdesc-mismatch", f"{section.idstr}: {bad}", rb.absolute(start_pos),
+                        Code.VMDESC_MISMATCH, f"{section.idstr}: {bad}", rb.absolute(start_pos),
                         section=section.idstr,
                         fields={"idstr": section.idstr, "instance_id": section.instance_id,
                                 "reason": str(bad)}))
@@ -82,7 +83,7 @@ class DeviceDissector(SectionDissector):
                 self.scan_from = rb.absolute(max(start_pos, limit - 4))
                 if limit - start_pos > MAX_DEVICE_SECTION:
                     machine.emit(findings.make(
-                        "footer-mismatch", f"no footer within {MAX_DEVICE_SECTION} bytes of "
+                        Code.FOOTER_MISMATCH, f"no footer within {MAX_DEVICE_SECTION} bytes of "
                         f"device section {section.idstr}", rb.absolute(start_pos),
                         section=section.idstr,
                         fields={"section_id": section.section_id,
@@ -118,7 +119,7 @@ class DeviceDissector(SectionDissector):
                 end = walk_device(device, payload, 0, len(payload))
             except (VmstateIncomplete, VmstateInvalid) as bad:
                 self.machine.emit(findings.make(
-                    "vmdesc-mismatch", f"{section.idstr}: VMDESCRIPTION does not describe the "
+                    Code.VMDESC_MISMATCH, f"{section.idstr}: VMDESCRIPTION does not describe the "
                     f"{len(payload)} bytes found between its header and footer ({bad})",
                     offset, section=section.idstr,
                     fields={"idstr": section.idstr, "instance_id": section.instance_id,
@@ -126,7 +127,7 @@ class DeviceDissector(SectionDissector):
                 continue
             if end != len(payload):
                 self.machine.emit(findings.make(
-                    "vmdesc-mismatch", f"{section.idstr}: VMDESCRIPTION describes {end} "
+                    Code.VMDESC_MISMATCH, f"{section.idstr}: VMDESCRIPTION describes {end} "
                     f"bytes, the footer came after {len(payload)}", offset,
                     section=section.idstr,
                     fields={"idstr": section.idstr, "instance_id": section.instance_id,

@@ -31,6 +31,7 @@ from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.resync import printable
 from migshark.analyzer.decode.sections.base import SectionDissector, register
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class DirtyBitmapDissector(SectionDissector):
             g.ItemType.SECTION_START, g.ItemType.SECTION_FULL
         ):
             self.machine.emit(findings.make(
-                "bad-section-version",
+                Code.BAD_SECTION_VERSION,
                 f"dirty-bitmap section version {section.version_id}; QEMU loads only "
                 f"version {g.DIRTY_BITMAP_SECTION_VERSION}",
                 self.machine.item_start, section=section.idstr,
@@ -178,7 +179,7 @@ class DirtyBitmapDissector(SectionDissector):
     def ended_inside(self, end: int) -> None:
         if not self.saw_eos:
             self.machine.emit(findings.make(
-                "missing-eos",
+                Code.MISSING_EOS,
                 "the dirty-bitmap section payload ended (end of data) without an EOS "
                 "record", end, section=_IDSTR, fields={"ended_at": "end of data"}))
 
@@ -256,7 +257,7 @@ class DirtyBitmapDissector(SectionDissector):
         if buffer_size > MAX_SKIPPED_BITMAP_BUFFER:
             start = self.rb.offset
             self.machine.emit(findings.make(
-                "buffer-too-large",
+                Code.BUFFER_TOO_LARGE,
                 f"BITS buffer size {buffer_size} (QEMU refuses more than "
                 f"{g.BITMAP_MAX_BUFFER_SIZE}); the length is not believable, "
                 "resynchronising", start, section=_IDSTR, node=self.node,
@@ -327,7 +328,7 @@ class DirtyBitmapDissector(SectionDissector):
             record.fields["buffer"] = buffer
         if width > 1:
             machine.emit(findings.make(
-                "multibyte-flags",
+                Code.MULTIBYTE_FLAGS,
                 f"flags written in {width} bytes (wire value "
                 f"{flag_field['wire_value']:#x}); a QEMU destination keeps only the last byte "
                 f"and acts on {flags:#04x} ({'|'.join(_flag_names(flags)) or 'none'})",
@@ -336,11 +337,11 @@ class DirtyBitmapDissector(SectionDissector):
                         "flags": flags}))
         if flags & _BF_EXTRA:
             machine.emit(findings.make(
-                "unknown-flags", f"the last flags byte {flags:#04x} has bit 0x80 set, which "
+                Code.UNKNOWN_FLAGS, f"the last flags byte {flags:#04x} has bit 0x80 set, which "
                 "means nothing there", start, section=_IDSTR, fields={"flags": flags}))
         if buffer_size is not None and buffer_size > g.BITMAP_MAX_BUFFER_SIZE:
             machine.emit(findings.make(
-                "buffer-too-large",
+                Code.BUFFER_TOO_LARGE,
                 f"BITS buffer of {buffer_size} bytes; QEMU refuses more than "
                 f"{g.BITMAP_MAX_BUFFER_SIZE} ('Bitmap migration stream buffer allocation "
                 "request is too large')", start, length=length, section=_IDSTR,
@@ -409,7 +410,7 @@ class DirtyBitmapDissector(SectionDissector):
             return None
         at_footer = first == _FOOTER
         machine.emit(findings.make(
-            "missing-eos", "the dirty-bitmap section payload ended (at "
+            Code.MISSING_EOS, "the dirty-bitmap section payload ended (at "
             f"{'its footer' if at_footer else 'the next item'}) "
             "without an EOS record", rb.absolute(pos), section=section.idstr,
             fields={"ended_at": "footer" if at_footer else "next item"}))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from migshark.analyzer import findings, speedups
 from migshark.analyzer.decode.resync import plausible_name_at
 from migshark.analyzer.decode.sections.base import SectionDissector, register
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Record
 from migshark.dissectors import grammar as g
 
@@ -239,7 +240,7 @@ class RamDissector(SectionDissector):
     def _error(self, pos: int, message: str, flags: int, **data: Any) -> None:
         start = self.rb.absolute(pos)
         self._flush_run(start)
-        self.machine.emit(findings.make("unknown-flags", message, start, section=_IDSTR,
+        self.machine.emit(findings.make(Code.UNKNOWN_FLAGS, message, start, section=_IDSTR,
                                         fields={"ram_flags": flags, **data}))
         self.machine.enter_resync(start)
 
