@@ -32,6 +32,7 @@ from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, EventQueue, Finding, Record
 from migshark.analyzer.vmstate import index_vmdesc
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 Reader = Callable[[], NeedMore | None]
 
@@ -120,7 +121,7 @@ class FramingMachine(EventQueue):
 
     emit = EventQueue._emit
 
-    def record(self, kind: str, start: int, end: int,
+    def record(self, kind: Kind, start: int, end: int,
                spans: tuple[tuple[str, int, int], ...] | None = None, **fields: Any) -> Record:
         sec = self.current
         record = Record(start, end - start, kind, sec.idstr if sec else None,
@@ -227,7 +228,7 @@ class FramingMachine(EventQueue):
             self.enter_resync(0)
             return None
         header = g.FileHeader.parse(raw)
-        self.record("file-header", 0, 8, (("magic", 0, 4), ("version", 4, 4)),
+        self.record(Kind.FILE_HEADER, 0, 8, (("magic", 0, 4), ("version", 4, 4)),
                     magic="QEVM", version=header.version)
         if version != g.QEVM_VERSION:
             self.emit(findings.make(
@@ -240,7 +241,7 @@ class FramingMachine(EventQueue):
     def _read_item(self) -> NeedMore | None:
         rb = self.rb
         if self.package_end is not None and rb.base + rb.pos >= self.package_end:
-            self.record("package-end", self.package_end, self.package_end)
+            self.record(Kind.PACKAGE_END, self.package_end, self.package_end)
             self._leave_package()
             return None
         if self.available() < 1:
@@ -309,7 +310,7 @@ class FramingMachine(EventQueue):
             return self.short(5, "a section footer")
         start = rb.base + rb.pos
         (footer_id,) = _FOOTER.unpack_from(rb.data, rb.pos + 1)
-        self.record("footer", start, start + 5,
+        self.record(Kind.FOOTER, start, start + 5,
                     (("item_type", start, 1), ("section_id", start + 1, 4)),
                     section_id=footer_id)
         if footer_id != section.section_id:

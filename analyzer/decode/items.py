@@ -19,6 +19,7 @@ from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.state import NeedMore, Section, State
 from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
     from migshark.analyzer.decode.framing import FramingMachine
@@ -37,7 +38,7 @@ _section_full = GrammarParser(g.SectionHeaderFull)
 
 
 def read_eof(machine: FramingMachine) -> NeedMore | None:
-    machine.record("eof", machine.item_start, machine.item_start + 1,
+    machine.record(Kind.EOF, machine.item_start, machine.item_start + 1,
                    (("item_type", machine.item_start, 1),))
     machine.rb.pos += 1
     machine.ended = True
@@ -71,7 +72,7 @@ def read_vmdescription(machine: FramingMachine) -> NeedMore | None:
     except ValueError:
         desc = None
     rb.pos += 5 + length
-    machine.record("vmdescription", start, start + 5 + length,
+    machine.record(Kind.VMDESCRIPTION, start, start + 5 + length,
                    (("item_type", start, 1), ("length", start + 1, 4),
                     ("devices", start + 5, length)),
                    length=length, valid_json=desc is not None,
@@ -112,7 +113,7 @@ def read_configuration(machine: FramingMachine) -> NeedMore | None:
             break
         name_sub, pos = parsed
         subsections.append(name_sub)
-    machine.record("configuration", start, rb.absolute(pos),
+    machine.record(Kind.CONFIGURATION, start, rb.absolute(pos),
                    (("item_type", start, 1), ("length", start + 1, 4),
                     ("machine_type", start + 5, length)),
                    machine_type=name, subsections=subsections)
@@ -170,7 +171,7 @@ def read_section_header_full(machine: FramingMachine) -> NeedMore | None:
     machine.sections[head.section_id] = section
     machine.current = section
     start = machine.item_start
-    kind = "section-start" if item_type == _SECTION_START else "section-full"
+    kind = Kind.SECTION_START if item_type == _SECTION_START else Kind.SECTION_FULL
     at = start + 6 + name_len
     machine.record(kind, start, start + size,
                    (("item_type", start, 1), ("section_id", start + 1, 4),
@@ -194,7 +195,7 @@ def read_section_header_short(machine: FramingMachine) -> NeedMore | None:
     (section_id,) = _SECTION_SHORT.unpack_from(rb.data, rb.pos + 1)
     item_type = rb.data[rb.pos]
     section = machine.sections.get(section_id)
-    kind = "section-part" if item_type == _SECTION_PART else "section-end"
+    kind = Kind.SECTION_PART if item_type == _SECTION_PART else Kind.SECTION_END
     start = machine.item_start
     spans = (("item_type", start, 1), ("section_id", start + 1, 4))
     if section is None:
@@ -221,7 +222,7 @@ def read_stray_footer(machine: FramingMachine) -> NeedMore | None:
     rb = machine.rb
     start = machine.item_start
     section_id = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
-    machine.record("footer", start, start + 5,
+    machine.record(Kind.FOOTER, start, start + 5,
                    (("item_type", start, 1), ("section_id", start + 1, 4)),
                    section_id=section_id)
     machine.emit(findings.make(
@@ -253,7 +254,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
     end = start + size
     if command == g.Command.PACKAGED:
         if length != 4:
-            machine.record("command", start, end, spans, **fields)
+            machine.record(Kind.COMMAND, start, end, spans, **fields)
             machine.emit(findings.make(
                 Code.BAD_COMMAND, f"PACKAGED with a {length}-byte argument, not 4",
                 start, length=size,
@@ -261,7 +262,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
             return None
         inner = g.PackagedLength.parse(body.data)
         fields["packaged_length"] = inner
-        machine.record("command", start, end, (*spans, ("packaged_length", start + 5, 4)),
+        machine.record(Kind.COMMAND, start, end, (*spans, ("packaged_length", start + 5, 4)),
                        **fields)
         if inner > g.MAX_PACKAGED_SIZE or machine.depth:
             machine.emit(findings.make(
@@ -292,7 +293,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
         if command in g.Command.__members__.values():
             fields["data"] = body.data.hex()
             spans += (("data", start + 5, length),)
-    machine.record("command", start, end, spans, **fields)
+    machine.record(Kind.COMMAND, start, end, spans, **fields)
     return None
 
 

@@ -24,6 +24,7 @@ from migshark.analyzer.vmstate import (
     walk_device,
 )
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
@@ -69,7 +70,7 @@ class DeviceDissector(SectionDissector):
                         fields={"idstr": section.idstr, "instance_id": section.instance_id,
                                 "reason": str(bad)}))
                 else:
-                    machine.record("device-state", rb.absolute(start_pos), rb.absolute(end),
+                    machine.record(Kind.DEVICE_STATE, rb.absolute(start_pos), rb.absolute(end),
                                    method="vmdesc", idstr=section.idstr,
                                    instance_id=section.instance_id, size=end - start_pos)
                     rb.pos = end
@@ -99,7 +100,7 @@ class DeviceDissector(SectionDissector):
                 break
             scan = found + 1
         size = found - start_pos
-        machine.record("device-state", rb.absolute(start_pos), rb.absolute(found),
+        machine.record(Kind.DEVICE_STATE, rb.absolute(start_pos), rb.absolute(found),
                        method="footer", idstr=section.idstr, instance_id=section.instance_id,
                        size=size)
         if sum(len(p) for _, p, _ in self.retained) + size <= MAX_DEVICE_SECTION:

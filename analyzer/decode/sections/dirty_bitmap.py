@@ -33,6 +33,7 @@ from migshark.analyzer.decode.resync import printable
 from migshark.analyzer.decode.sections.base import SectionDissector, register
 from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import bitmap_kind
 
 if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
@@ -50,7 +51,7 @@ _BF_ZEROES, _BF_EOS = int(g.BitmapFlag.ZEROES), int(g.BitmapFlag.EOS)
 _BF_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
 _KIND_START, _KIND_COMPLETE = int(g.RecordKind.START), int(g.RecordKind.COMPLETE)
 _KIND_BITS = int(g.RecordKind.BITS)
-_KIND_NAMES = {kind.value: "bitmap-" + kind.label for kind in g.RecordKind}
+_KIND_NAMES = {kind.value: bitmap_kind(kind) for kind in g.RecordKind}
 _BE32 = struct.Struct(">I")
 _FOOTER, _PART = int(g.ItemType.SECTION_FOOTER), int(g.ItemType.SECTION_PART)
 _END, _FULL, _EOF = int(g.ItemType.SECTION_END), int(g.ItemType.SECTION_FULL), \
