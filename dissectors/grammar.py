@@ -369,6 +369,20 @@ def fixed_format(declaration: Struct) -> str:
     return "".join(parts)
 
 
+def field_format(declaration: Struct, *names: str) -> str:
+    """The `struct` format (big-endian, no prefix) of the named plain integer fields of
+    a Struct, in the order given: for reading a fixed field of a layout that also has
+    variable parts (the length of a LengthPrefixed32, a header's instance id)."""
+    by_name = {field.name: field for field in declaration.subcons}
+    parts = []
+    for name in names:
+        fmt = getattr(by_name[name].subcon, "fmtstr", None) if name in by_name else None
+        if fmt is None or fmt[0] != ">":
+            raise TypeError(f"{name} is not a fixed big-endian field")
+        parts.append(fmt[1:])
+    return "".join(parts)
+
+
 _record_head_fields: list[Construct] = [
     "flags" / BitmapFlags,
     "device_name" / If(_has(BitmapFlag.DEVICE_NAME), counted_name),
