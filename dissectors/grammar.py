@@ -201,6 +201,12 @@ CommandBody = Struct(
 # MIG_CMD_PACKAGED carries only the length of the nested stream that follows it.
 PackagedLength = Int32ub
 PingValue = Int32ub
+# MIG_CMD_POSTCOPY_ADVISE (loadvm_postcopy_handle_advise): 16 bytes, or none from a
+# source too old to send them.
+PostcopyAdvise = Struct(
+    "remote_pagesize_summary" / Int64ub,
+    "target_page_size" / Int64ub,
+)
 
 # vmstate subsection inside CONFIGURATION or device state.
 SubsectionHeader = Struct(

@@ -77,6 +77,8 @@ def _streams_with_spans() -> list[tuple[str, bytes]]:
     streams.append(("synthetic-precopy", synthetic.precopy_stream()))
     packaged = (g.build_file_header() + g.build_configuration("pc-q35-7.2")
                 + g.build_command(g.Command.PING, (7).to_bytes(4, "big"))
+                + g.build_command(g.Command.POSTCOPY_ADVISE, g.PostcopyAdvise.build(
+                    {"remote_pagesize_summary": 0x201000, "target_page_size": 4096}))
                 + g.build_packaged(g.build_section_start(
                     g.ItemType.SECTION_FULL, 5, "timer", 0, 2) + b"\x01\x02"
                     + g.build_footer(5) + g.build_eof())

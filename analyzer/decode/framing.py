@@ -36,7 +36,6 @@ from migshark.dissectors.registry import Kind
 
 Reader = Callable[[], NeedMore | None]
 
-_BE32 = struct.Struct(">I")
 _FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
 _FILE_HEADER_LEN = g.FileHeader.sizeof()
 _SECTION_FOOTER = int(g.ItemType.SECTION_FOOTER)
@@ -220,16 +219,16 @@ class FramingMachine(EventQueue):
         if rb.available() < _FILE_HEADER_LEN:
             return _FILE_HEADER_LEN
         raw = rb.peek(_FILE_HEADER_LEN)
-        magic, version = raw[:4], _BE32.unpack_from(raw, 4)[0]
+        magic = raw[: len(g.QEVM_MAGIC)]
         if magic != g.QEVM_MAGIC:
             self.emit(findings.make(
                 Code.BAD_MAGIC, f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
                 fields={"magic": magic.hex()}))
             self.enter_resync(0)
             return None
-        header = g.FileHeader.parse(raw)
+        version = g.FileHeader.parse(raw).version
         self.record(Kind.FILE_HEADER, 0, 8, (("magic", 0, 4), ("version", 4, 4)),
-                    magic="QEVM", version=header.version)
+                    magic="QEVM", version=version)
         if version != g.QEVM_VERSION:
             self.emit(findings.make(
                 Code.BAD_VERSION, f"stream version {version}, QEMU reads only 3", 4, length=4,

@@ -44,6 +44,7 @@ _CAPABILITY_COUNT = struct.Struct(
 # header with a 255-byte idstr, a count and that many 255-byte counted names.
 _MAX_SUBSECTION = (1 + 1 + 255 + 4 + _CAPABILITY_COUNT.size
                    + g.MAX_CONFIG_CAPABILITIES * (1 + 255))
+_ADVISE = struct.Struct(">" + g.fixed_format(g.PostcopyAdvise))
 _SECTION_SHORT = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
 _SECTION_START, _SECTION_PART = int(g.ItemType.SECTION_START), int(g.ItemType.SECTION_PART)
 _section_full = GrammarParser(g.SectionHeaderFull)
@@ -319,11 +320,13 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
     if command == g.Command.PING and length == 4:
         fields["value"] = g.PingValue.parse(body.data)
         spans += (("value", start + 5, 4),)
-    elif command == g.Command.POSTCOPY_ADVISE and length == 16:
-        fields["remote_pagesize_summary"] = int.from_bytes(body.data[:8], "big")
-        fields["target_page_size"] = int.from_bytes(body.data[8:], "big")
-        spans += (("remote_pagesize_summary", start + 5, 8),
-                  ("target_page_size", start + 13, 8))
+    elif command == g.Command.POSTCOPY_ADVISE and length == _ADVISE.size:
+        summary, target_page_size = _ADVISE.unpack(body.data)
+        fields["remote_pagesize_summary"] = summary
+        fields["target_page_size"] = target_page_size
+        half = _ADVISE.size // 2  # two be64 fields
+        spans += (("remote_pagesize_summary", start + 5, half),
+                  ("target_page_size", start + 5 + half, half))
     elif command == g.Command.POSTCOPY_LISTEN:
         machine.phase("postcopy-listen", start)
     elif command == g.Command.POSTCOPY_RUN:

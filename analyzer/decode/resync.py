@@ -19,9 +19,10 @@ from migshark.dissectors import grammar as g
 if TYPE_CHECKING:  # annotations only: framing imports this module
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore
 
-_BE32 = struct.Struct(">I")
-_BE16 = struct.Struct(">H")
-_INSTANCE_VERSION = struct.Struct(">II")
+_SECTION_ID = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
+_COMMAND_NUMBER = struct.Struct(">" + g.field_format(g.CommandHeader, "command"))
+_INSTANCE_VERSION = struct.Struct(">" + g.field_format(g.SectionHeaderFull, "instance_id",
+                                                       "version_id"))
 _EOF, _VMDESCRIPTION = int(g.ItemType.EOF), int(g.ItemType.VMDESCRIPTION)
 _PART, _END = int(g.ItemType.SECTION_PART), int(g.ItemType.SECTION_END)
 _FULL, _START = int(g.ItemType.SECTION_FULL), int(g.ItemType.SECTION_START)
@@ -64,13 +65,13 @@ def plausible_next_item(machine: FramingMachine, pos: int, limit: int) -> bool |
     if item in (_PART, _END):
         if pos + 5 > limit:
             return None
-        return _BE32.unpack_from(buf, pos + 1)[0] in machine.sections
+        return _SECTION_ID.unpack_from(buf, pos + 1)[0] in machine.sections
     if item in (_FULL, _START):
         return plausible_name_at(buf, pos + 5, limit)
     if item == _COMMAND:
         if pos + 3 > limit:
             return None
-        return 0 < _BE16.unpack_from(buf, pos + 1)[0] <= 32
+        return 0 < _COMMAND_NUMBER.unpack_from(buf, pos + 1)[0] <= 32
     return False
 
 
@@ -146,7 +147,7 @@ class Resynchroniser:
             return instance < 4096 and version < 4096
         if pos + 5 > end:
             return None
-        section = self.machine.sections.get(_BE32.unpack_from(buf, pos + 1)[0])
+        section = self.machine.sections.get(_SECTION_ID.unpack_from(buf, pos + 1)[0])
         if section is None:
             return False
         return self.machine.dissector_for(section.idstr).plausible_start(buf, pos + 5, end)

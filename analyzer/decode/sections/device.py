@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
 
 MAX_DEVICE_SECTION = 64 << 20
-_BE32 = struct.Struct(">I")
+_FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
 _FOOTER_BYTE = bytes([g.ItemType.SECTION_FOOTER])
 
 
@@ -76,7 +76,7 @@ class DeviceDissector(SectionDissector):
                     rb.pos = end
                     machine.end_payload()
                     return None
-        marker = _FOOTER_BYTE + _BE32.pack(section.section_id)
+        marker = _FOOTER_BYTE + _FOOTER.pack(section.section_id)
         scan = max(self.scan_from - rb.base, start_pos)
         while True:
             found = buf.find(marker, scan, limit)

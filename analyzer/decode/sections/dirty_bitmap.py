@@ -52,7 +52,8 @@ _BF_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
 _KIND_START, _KIND_COMPLETE = int(g.RecordKind.START), int(g.RecordKind.COMPLETE)
 _KIND_BITS = int(g.RecordKind.BITS)
 _KIND_NAMES = {kind.value: bitmap_kind(kind) for kind in g.RecordKind}
-_BE32 = struct.Struct(">I")
+# PART, END and the footer all carry just a section id after the type byte.
+_SECTION_ID = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
 _FOOTER, _PART = int(g.ItemType.SECTION_FOOTER), int(g.ItemType.SECTION_PART)
 _END, _FULL, _EOF = int(g.ItemType.SECTION_END), int(g.ItemType.SECTION_FULL), \
     int(g.ItemType.EOF)
@@ -389,7 +390,7 @@ class DirtyBitmapDissector(SectionDissector):
             if short(5):
                 return 5
             if pos + 5 <= limit:
-                section_id = _BE32.unpack_from(buf, pos + 1)[0]
+                (section_id,) = _SECTION_ID.unpack_from(buf, pos + 1)
                 if first == _FOOTER:
                     looks_like_next = section_id == section.section_id
                 else:
