@@ -577,6 +577,10 @@ class FieldView:
 
     @property
     def text(self) -> str:
+        if self.value is None and self.info.type is FieldType.BYTES and not self.generated:
+            # Bytes the decoder locates but does not keep (VMDESCRIPTION's JSON, a large
+            # BITS buffer): the hex pane shows them; the tree says how many there are.
+            return f"{self.length} bytes"
         return self.info.display(self.value)
 
     @property

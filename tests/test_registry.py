@@ -384,3 +384,43 @@ def test_the_kind_scan_sees_literals() -> None:
     hits = _kind_literals('machine.record("footer", 0, 5)\nkind = "bitmap-bits"\n'
                           'x = {"footer": 1}\nmachine.record(Kind.EOF, 0, 1)\n')
     assert sorted(hits) == [(1, "footer"), (2, "bitmap-bits")]
+
+
+def _decoded(data: bytes) -> list[Record]:
+    from migshark.analyzer.decoder import decode_bytes
+
+    return [event for event in decode_bytes(data) if isinstance(event, Record)]
+
+
+def test_every_item_type_view_names_its_type_byte() -> None:
+    data = (CAPTURES / "generated" / "clean.bin").read_bytes()
+    shown = 0
+    for record in _decoded(data):
+        for view in describe(record):
+            if view.info is reg.ITEM:
+                item = g.ItemType(data[view.offset])
+                assert view.text == f"{item.name} ({int(item):#x})", record
+                shown += 1
+    assert shown > 10
+
+
+def test_vmdescription_json_span_is_the_registry_json_field() -> None:
+    json_bytes = b'{"devices": [{"name": "timer"}]}'
+    data = g.build_file_header() + g.build_eof() + g.build_vmdescription(json_bytes)
+    record = next(r for r in _decoded(data) if r.kind == Kind.VMDESCRIPTION)
+    assert record.fields == {"length": len(json_bytes), "valid_json": True, "devices": 1}
+    views = {view.info.filter_name: view for view in describe(record)}
+    json_view = views["vmdescription.json"]
+    assert not json_view.generated and json_view.exact
+    assert data[json_view.offset : json_view.offset + json_view.length] == json_bytes
+    assert json_view.text == f"{len(json_bytes)} bytes"
+    assert views["vmdescription.devices"].generated and views["vmdescription.devices"].text == "1"
+
+
+def test_configuration_length_has_its_value() -> None:
+    data = g.build_file_header() + g.build_configuration("pc-i440fx-7.2") + g.build_eof()
+    record = next(r for r in _decoded(data) if r.kind == Kind.CONFIGURATION)
+    views = {view.info.filter_name: view for view in describe(record)}
+    length = views["configuration.length"]
+    assert length.value == 13 and length.text == "13" and not length.generated
+    assert int.from_bytes(data[length.offset : length.offset + 4], "big") == 13
