@@ -337,7 +337,7 @@ def _all_subsections() -> bytes:
             + g.build_configuration_subsection(g.CONFIG_UUID, {"uuid": bytes(range(16))}))
 
 
-def test_configuration_reads_every_declared_subsection():
+def test_configuration_reads_every_declared_subsection() -> None:
     subsections = _all_subsections()
     data, at = _configuration_stream(subsections)
     events = decode_bytes(data)
@@ -346,14 +346,14 @@ def test_configuration_reads_every_declared_subsection():
                              "subsections": [g.CONFIG_TARGET_PAGE_BITS,
                                              g.CONFIG_CAPABILITIES, g.CONFIG_UUID]}
     assert config.end == at + len(subsections)
-    assert ("subsections", at, len(subsections)) in config.spans
+    assert config.spans is not None and ("subsections", at, len(subsections)) in config.spans
     assert not [e for e in events if isinstance(e, Finding) and e.code != "phase"]
     pieces = [1] * len(data)
     assert _decode_in_chunks(data, pieces) == _decode_in_chunks(data, [])
 
 
 @pytest.mark.parametrize("count", [g.MAX_CONFIG_CAPABILITIES + 1, 1000, 0xFFFF_FFFF])
-def test_a_capability_count_over_the_limit_is_a_finding_at_its_offset(count):
+def test_a_capability_count_over_the_limit_is_a_finding_at_its_offset(count: int) -> None:
     data, at = _configuration_stream(_PAGE_BITS + _capabilities(["x-ignore-shared"], count=count))
     count_at = at + len(_PAGE_BITS) + 1 + 1 + len(g.CONFIG_CAPABILITIES) + 4
     assert int.from_bytes(data[count_at : count_at + 4], "big") == count
@@ -373,7 +373,7 @@ def test_a_capability_count_over_the_limit_is_a_finding_at_its_offset(count):
     assert _decode_in_chunks(data, [1] * len(data)) == _decode_in_chunks(data, [])
 
 
-def test_a_capability_count_at_the_limit_is_read():
+def test_a_capability_count_at_the_limit_is_read() -> None:
     names = [f"cap-{i}" for i in range(g.MAX_CONFIG_CAPABILITIES)]
     data, at = _configuration_stream(_capabilities(names))
     events = decode_bytes(data)
@@ -382,7 +382,7 @@ def test_a_capability_count_at_the_limit_is_read():
     assert not [e for e in events if isinstance(e, Finding) and e.code != "phase"]
 
 
-def test_an_undeclared_subsection_ends_the_configuration():
+def test_an_undeclared_subsection_ends_the_configuration() -> None:
     odd = g.SubsectionHeader.build({"idstr": "configuration/other", "version_id": 1})
     data, at = _configuration_stream(b"\x05" + odd + b"\x00" * 4)
     events = decode_bytes(data)
@@ -393,7 +393,7 @@ def test_an_undeclared_subsection_ends_the_configuration():
 
 
 @pytest.mark.parametrize("cut", [1, 5, 20, 30, 40])
-def test_a_configuration_cut_inside_a_subsection_is_truncated_not_a_crash(cut):
+def test_a_configuration_cut_inside_a_subsection_is_truncated_not_a_crash(cut: int) -> None:
     data, at = _configuration_stream(_all_subsections())
     events = decode_bytes(data[: at + cut])
     assert not [e for e in events if isinstance(e, Record) and e.kind == "configuration"]
