@@ -304,7 +304,7 @@ def test_a_record_cut_by_the_end_of_data_claims_only_the_bytes_that_came():
     assert record.end == cut
     assert record.spans is not None and record.spans[-1][0] == "buffer"
     assert all(start + size <= cut for _key, start, size in record.spans)
-    assert record.spans[-1][2] == bits.spans[-1][2] - 100  # type: ignore[index]
+    assert record.spans[-1][2] == bits.spans[-1][2] - 100
 
 
 # --- CONFIGURATION read through g.ConfigurationSubsection -------------------------------
