@@ -180,8 +180,7 @@ def _configuration_subsection(machine: FramingMachine, pos: int
         head = g.SubsectionHeader.parse_stream(window)
     except ConstructError:
         return len(data) + 1
-    body = g.ConfigurationSubsectionBody.get(head.idstr)
-    if body is None:
+    if head.idstr not in g.ConfigurationSubsectionBody:
         return None
     if head.idstr == g.CONFIG_CAPABILITIES:
         count_at = window.tell()
