@@ -399,3 +399,17 @@ def test_a_configuration_cut_inside_a_subsection_is_truncated_not_a_crash(cut: i
     assert not [e for e in events if isinstance(e, Record) and e.kind == "configuration"]
     truncated = [e for e in events if isinstance(e, Finding) and e.code == "truncated"]
     assert truncated and truncated[0].offset == at - 15
+
+
+@pytest.mark.parametrize("path", BUNDLED_STREAMS, ids=lambda path: path.name)
+def test_the_decoder_emits_registered_names(path: Path) -> None:
+    from migshark.analyzer.findings import Code
+    from migshark.dissectors.registry import Kind
+
+    events = decode_bytes(path.read_bytes())
+    assert events
+    for event in events:
+        if isinstance(event, Record):
+            assert type(event.kind) is Kind, event
+        else:
+            assert type(event.code) is Code, event
