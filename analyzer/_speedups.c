@@ -41,6 +41,17 @@ static inline uint32_t rd32(const unsigned char *p, int little)
     return little ? le32(p) : be32(p);
 }
 
+/* A lane key's slot in a table of `mask + 1` slots: the ports and the low address
+ * bytes vary most between the connections of one host. */
+static inline size_t lane_hash(const unsigned char *key, size_t mask)
+{
+    uint32_t h = ((uint32_t)key[3] << 24 | (uint32_t)key[7] << 16 | (uint32_t)key[8] << 8 |
+                  key[9]) * 2654435761u;
+    h ^= ((uint32_t)key[10] << 8 | key[11]) * 40503u;
+    h ^= h >> 15;
+    return (size_t)h & mask;
+}
+
 static inline unsigned be16(const unsigned char *p)
 {
     return ((unsigned)p[0] << 8) | (unsigned)p[1];
@@ -60,7 +71,11 @@ PyDoc_STRVAR(ram_walk_doc,
 enum { SCAN_STOP = 0, SCAN_GENERAL = 1, SCAN_GATHERED = 2, SCAN_DIRECT = 3, SCAN_RAM_END = 4 };
 
 #define HEADERS_LEN 48 /* Ethernet + IPv4 without options + TCP through its flags byte */
-#define MAX_LANES 64
+/* The most ACK lanes one scan_lane call takes (module constant MAX_LANES: the caller
+ * passes at most this many; analyzer/fastpath.py chooses which). */
+#define MAX_LANES 4096
+#define LANE_SLOTS (2 * MAX_LANES) /* the lane hash table: at most half full */
+#define LANE_KEY_SIZE 12 /* addresses then ports, as on the wire */
 
 /* The RAM walk carried across the payloads of the data lane. */
 struct ram_walk {
@@ -145,17 +160,20 @@ static PyObject *ram_walk(PyObject *self, PyObject *args)
 }
 
 PyDoc_STRVAR(scan_lane_doc,
-"scan_lane(data, off, stop, little_endian, pcapng_iface, ack_keys, ack_seqs, data_key,\n"
-"          data_seq, gather_limit, direct_min, ram)\n"
+"scan_lane(data, off, stop, little_endian, pcapng_iface, lane_keys, lane_seqs,\n"
+"          skip_lanes, data_key, data_seq, gather_limit, direct_min, ram)\n"
 "-> (status, off, last, data_seq, gathered, gsec, gfrac, dstart, dend, dsec, dfrac,\n"
-"    ram_out)\n\n"
+"    ram_out, records, touched)\n\n"
 "Walk the records of an Ethernet capture from data[off:]: classic pcap records when\n"
 "pcapng_iface is -1, else pcapng EPBs of that interface (any other block ends the\n"
 "walk; record times are then the timestamp's high and low halves), while they are\n"
 "in-order segments that analyzer.fastpath's lane takes: pure ACKs of a lane whose\n"
-"next sequence number is known (ack_keys: 12-byte keys as on the wire, addresses\n"
-"then ports, concatenated; ack_seqs: their next sequence numbers) are dropped, and\n"
-"in-order data of the one data lane (data_key, data_seq; None for none) is taken.\n\n"
+"next sequence number is known (lane_keys: LANE_KEY_SIZE-byte keys as on the wire,\n"
+"addresses then ports, concatenated; lane_seqs: a writable buffer of their next\n"
+"sequence numbers, native uint32) are dropped, in-order data of the first\n"
+"skip_lanes lanes (flows whose data nobody reads) is dropped too and advances\n"
+"their lane_seqs entry, and in-order data of the one data lane (data_key,\n"
+"data_seq; None for none) is taken.\n\n"
 "With ram None, payloads under direct_min bytes are gathered into `gathered` (bytes\n"
 "or None; gsec, gfrac: record time of the last one) and a bigger one ends the walk.\n"
 "With ram = (mask, page_size, page_continue, zero_continue, skip), the payloads are\n"
@@ -171,35 +189,43 @@ PyDoc_STRVAR(scan_lane_doc,
 "data[dstart:dend] (record time dsec, dfrac) is for the caller to feed after\n"
 "`gathered`; 4 the RAM walk met another record: head + data[dstart:dend] is the\n"
 "rest of the stream so far, from that record on. last is the offset of the last\n"
-"record consumed, or -1.");
+"record consumed, or -1; records is how many records were consumed; touched lists\n"
+"the skip lanes whose lane_seqs entry changed.\n\n"
+"Limits (module constants): at most MAX_LANES lanes, keys of LANE_KEY_SIZE bytes;\n"
+"anything else raises ValueError.");
 
 static PyObject *scan_lane(PyObject *self, PyObject *args)
 {
-    Py_buffer buf, ackbuf;
-    Py_ssize_t off, stop, gather_limit, direct_min;
+    Py_buffer buf, ackbuf, seqbuf;
+    Py_ssize_t off, stop, gather_limit, direct_min, skip_lanes;
     int little;
-    PyObject *ack_seqs, *data_key_obj, *ram_obj;
+    PyObject *data_key_obj, *ram_obj;
     unsigned long long data_seq_in;
     Py_ssize_t pcapng_iface;
-    if (!PyArg_ParseTuple(args, "y*nnpny*OOKnnO", &buf, &off, &stop, &little, &pcapng_iface,
-                          &ackbuf, &ack_seqs, &data_key_obj, &data_seq_in, &gather_limit,
-                          &direct_min, &ram_obj))
+    if (!PyArg_ParseTuple(args, "y*nnpny*w*nOKnnO", &buf, &off, &stop, &little, &pcapng_iface,
+                          &ackbuf, &seqbuf, &skip_lanes, &data_key_obj, &data_seq_in,
+                          &gather_limit, &direct_min, &ram_obj))
         return NULL;
 
     PyObject *result = NULL, *gathered = NULL;
     const unsigned char *data = buf.buf;
     Py_ssize_t size = buf.len;
-    uint32_t seqs[MAX_LANES];
-    unsigned char keys[MAX_LANES * 12];
-    unsigned char data_key[12];
+    uint32_t *seqs = seqbuf.buf;
+    const unsigned char *keys = ackbuf.buf;
+    int16_t *slots = NULL;          /* lane index per hash slot, -1: empty */
+    unsigned char *touched_flags = NULL;
+    PyObject *touched = NULL;
+    size_t slot_mask = 0;
+    unsigned char data_key[LANE_KEY_SIZE];
     int have_data = 0;
-    Py_ssize_t nlanes = ackbuf.len / 12;
+    Py_ssize_t nlanes = ackbuf.len / LANE_KEY_SIZE;
     uint32_t data_seq = (uint32_t)data_seq_in;
     struct ram_walk walk;
     int ram_mode = ram_obj != Py_None;
 
-    if (ackbuf.len % 12 || nlanes > MAX_LANES || !PyTuple_Check(ack_seqs) ||
-        PyTuple_GET_SIZE(ack_seqs) != nlanes || off < 0 || gather_limit < 0 ||
+    if (ackbuf.len % LANE_KEY_SIZE || nlanes > MAX_LANES ||
+        seqbuf.len != nlanes * (Py_ssize_t)sizeof(uint32_t) || seqbuf.itemsize != 4 ||
+        skip_lanes < 0 || skip_lanes > nlanes || off < 0 || gather_limit < 0 ||
         direct_min < 1) {
         PyErr_SetString(PyExc_ValueError, "scan_lane: bad lane table or limits");
         goto done;
@@ -219,23 +245,36 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         walk.page_continue = page_continue;
         walk.zero_continue = zero_continue;
     }
-    memcpy(keys, ackbuf.buf, (size_t)ackbuf.len);
-    for (Py_ssize_t i = 0; i < nlanes; i++) {
-        unsigned long v = PyLong_AsUnsignedLongMask(PyTuple_GET_ITEM(ack_seqs, i));
-        if (v == (unsigned long)-1 && PyErr_Occurred())
+    {
+        size_t nslots = 16;
+        while (nslots < 2 * (size_t)nlanes)
+            nslots *= 2;
+        slot_mask = nslots - 1;
+        slots = PyMem_Malloc(nslots * sizeof *slots);
+        touched_flags = PyMem_Calloc((size_t)nlanes + 1, 1);
+        touched = PyList_New(0);
+        if (slots == NULL || touched_flags == NULL || touched == NULL) {
+            PyErr_NoMemory();
             goto done;
-        seqs[i] = (uint32_t)v;
+        }
+        memset(slots, 0xFF, nslots * sizeof *slots);
+        for (Py_ssize_t i = 0; i < nlanes; i++) {
+            size_t h = lane_hash(keys + LANE_KEY_SIZE * i, slot_mask);
+            while (slots[h] >= 0)
+                h = (h + 1) & slot_mask;
+            slots[h] = (int16_t)i; /* a repeated key: the first one wins */
+        }
     }
     if (data_key_obj != Py_None) {
         Py_buffer kb;
         if (PyObject_GetBuffer(data_key_obj, &kb, PyBUF_SIMPLE) < 0)
             goto done;
-        if (kb.len != 12) {
+        if (kb.len != LANE_KEY_SIZE) {
             PyBuffer_Release(&kb);
             PyErr_SetString(PyExc_ValueError, "scan_lane: data_key must be 12 bytes");
             goto done;
         }
-        memcpy(data_key, kb.buf, 12);
+        memcpy(data_key, kb.buf, LANE_KEY_SIZE);
         PyBuffer_Release(&kb);
         have_data = 1;
     }
@@ -247,7 +286,7 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     unsigned char *gdst = NULL;
     uint32_t gsec = 0, gfrac = 0;
     int status = SCAN_STOP;
-    Py_ssize_t last = -1, dstart = 0, dend = 0;
+    Py_ssize_t last = -1, dstart = 0, dend = 0, records = 0;
     uint32_t dsec = 0, dfrac = 0;
 
     while (off < stop) {
@@ -299,13 +338,16 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         }
         uint32_t seq = be32(f + 38);
         const unsigned char *key = f + 26;
-        int is_data_lane = have_data && memcmp(key, data_key, 12) == 0;
+        int is_data_lane = have_data && memcmp(key, data_key, LANE_KEY_SIZE) == 0;
         int in_order = is_data_lane && seq == data_seq;
+        Py_ssize_t i = nlanes;
         if (!in_order) {
-            Py_ssize_t i;
-            for (i = 0; i < nlanes; i++)
-                if (memcmp(key, keys + 12 * i, 12) == 0)
-                    break;
+            size_t h = lane_hash(key, slot_mask);
+            while (slots[h] >= 0 && memcmp(key, keys + LANE_KEY_SIZE * slots[h],
+                                           LANE_KEY_SIZE) != 0)
+                h = (h + 1) & slot_mask;
+            if (slots[h] >= 0)
+                i = slots[h];
             if (i == nlanes || seqs[i] != seq) {
                 status = SCAN_GENERAL;
                 break;
@@ -324,15 +366,33 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
         }
         Py_ssize_t n = frame_end - data_start;
         if (n == 0) { /* an in-order pure ACK: dropped, as the reassembler would */
+            records++;
             last = off;
             off = next;
             continue;
         }
-        if (!in_order) { /* data the lane does not take here */
-            status = SCAN_GENERAL;
+        if (!in_order) {
+            if (i < skip_lanes) { /* data nobody reads: only its sequence advances */
+                seqs[i] = (uint32_t)(seq + (uint32_t)n);
+                if (!touched_flags[i]) {
+                    PyObject *index = PyLong_FromSsize_t(i);
+                    if (index == NULL || PyList_Append(touched, index) < 0) {
+                        Py_XDECREF(index);
+                        goto done;
+                    }
+                    Py_DECREF(index);
+                    touched_flags[i] = 1;
+                }
+                records++;
+                last = off;
+                off = next;
+                continue;
+            }
+            status = SCAN_GENERAL; /* data the lane does not take here */
             break;
         }
         data_seq = (uint32_t)(seq + (uint32_t)n);
+        records++;
         last = off;
         off = next;
         if (ram_mode) {
@@ -379,20 +439,24 @@ static PyObject *scan_lane(PyObject *self, PyObject *args)
     if (ram_mode) {
         Py_ssize_t taken = status == SCAN_RAM_END ? walk.rel : walk.rel - walk.head_len;
         result = Py_BuildValue(
-            "innkOkknnkk(nLLnny#)", status, off, last, (unsigned long)data_seq, Py_None,
+            "innkOkknnkk(nLLnny#)nO", status, off, last, (unsigned long)data_seq, Py_None,
             (unsigned long)gsec, (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
             (unsigned long)dfrac, taken, walk.pages, walk.zeros, walk.skip,
-            walk.skip_start, (const char *)walk.head, walk.head_len);
+            walk.skip_start, (const char *)walk.head, walk.head_len, records, touched);
     } else {
-        result = Py_BuildValue("innkOkknnkkO", status, off, last, (unsigned long)data_seq,
+        result = Py_BuildValue("innkOkknnkkOnO", status, off, last, (unsigned long)data_seq,
                                gathered ? gathered : Py_None, (unsigned long)gsec,
                                (unsigned long)gfrac, dstart, dend, (unsigned long)dsec,
-                               (unsigned long)dfrac, Py_None);
+                               (unsigned long)dfrac, Py_None, records, touched);
     }
 done:
     Py_XDECREF(gathered);
+    Py_XDECREF(touched);
+    PyMem_Free(slots);
+    PyMem_Free(touched_flags);
     PyBuffer_Release(&buf);
     PyBuffer_Release(&ackbuf);
+    PyBuffer_Release(&seqbuf);
     return result;
 }
 
@@ -476,5 +540,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "MAX_LANES", MAX_LANES) < 0 ||
+        PyModule_AddIntConstant(m, "LANE_KEY_SIZE", LANE_KEY_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "HEADERS_LEN", HEADERS_LEN) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +124,7 @@ class MigrationStream:
             self.first_timestamp = timestamp
         self.last_timestamp = timestamp
 
-    def _handle(self, events: list[Event]) -> None:
+    def _handle(self, events: Sequence[Event]) -> None:
         for event in events:
             if isinstance(event, Record):
                 self.record_counts[event.kind] += 1
@@ -307,6 +307,17 @@ class CaptureDemux:
         self._pending: dict[FlowKey, bytearray] = {}
         self._ignored: set[FlowKey] = set()
         self.on_stream_end: Callable[[MigrationStream], None] | None = None
+
+    def stream_of(self, flow: FlowKey) -> MigrationStream | None:
+        """The migration stream of `flow`, if it is one (yet)."""
+        return self._by_flow.get(flow)
+
+    def discards(self, flow: FlowKey) -> bool:
+        """Whether in-order data of `flow` would be dropped unread: the flow was judged
+        not a migration. The capture lane then skips such data without feeding it
+        (docs/capture.md); a subclass that reads such flows (LiveDemux: the return
+        path) handles its own events and so never lets it."""
+        return flow in self._ignored and type(self)._event is CaptureDemux._event
 
     def segment(self, segment: Any) -> None:
         for event in self.reassembler.feed(segment):

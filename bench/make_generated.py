@@ -93,15 +93,16 @@ def bitmap_completion(records: list[bytes]) -> None:
         del index
 
 
-def generate(path: Path, ram_bytes: int, mss: int, seed: int = 11) -> dict[str, object]:
+def generate(path: Path, ram_bytes: int, mss: int, seed: int = 11,
+             client: tuple[str, int] = ("192.0.2.1", 50000),
+             server: tuple[str, int] = ("192.0.2.2", 4444)) -> dict[str, object]:
     rng = random.Random(seed)
     pool = memoryview(rng.randbytes(1 << 20))
     page_flags = g.RamFlag.PAGE | g.RamFlag.CONTINUE
     zero_flags = g.RamFlag.ZERO | g.RamFlag.CONTINUE
     data_pages = zero_pages = 0
     with open(path, "wb", buffering=1 << 22) as out:
-        w = TcpPcapWriter(out, mss=mss, client=("192.0.2.1", 50000),
-                          server=("192.0.2.2", 4444))
+        w = TcpPcapWriter(out, mss=mss, client=client, server=server)
         send = w.send
         send(g.build_file_header())
         send(g.build_configuration("pc-i440fx-7.2"))
@@ -157,7 +158,7 @@ def generate(path: Path, ram_bytes: int, mss: int, seed: int = 11) -> dict[str, 
         truth_bitmaps.append({"node": NODE, "name": name, **truth})
     return {"generator": "bench/make_generated.py", "ram_bytes": ram_bytes, "mss": mss,
             "data_pages": data_pages, "zero_pages": zero_pages, "frames": w.frames,
-            "port": 4444, "bitmaps": truth_bitmaps}
+            "port": server[1], "bitmaps": truth_bitmaps}
 
 
 def main() -> int:

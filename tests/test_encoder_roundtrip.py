@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT / "captures" / "real"
 EOS_ONLY = b"\x01"
 # Every real capture: precopy, postcopy (two nodes, and one), block-bitmap-mapping
-# aliases, START flags (disabled, persistent) and the raw exec stream.
+# aliases, START flags (disabled, persistent), the raw exec stream, and QEMU 10.0's
+# postcopy (its SWITCHOVER_START included).
 CAPTURES = ["precopy.pcap", "postcopy.pcap", "postcopy-1node.pcapng", "mapping.pcap",
-            "flags.pcapng", "exec.bin"]
+            "flags.pcapng", "exec.bin", "qemu10-postcopy-1node.pcap"]
 
 
 def real_payloads(path: Path) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:

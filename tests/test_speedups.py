@@ -7,6 +7,7 @@ C functions' own guards against bad arguments and cut input.
 
 from __future__ import annotations
 
+import array
 import struct
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,11 @@ KEY = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + struct.pack("!HH", 1, 2)
 
 
 def _scan(native: Any, data: bytes, pcapng_iface: int = -1, seq: int = 1000,
-          ack_keys: bytes = b"", ack_seqs: tuple[int, ...] = (), key: Any = KEY) -> Any:
-    return native.scan_lane(data, 0, len(data), True, pcapng_iface, ack_keys, ack_seqs, key,
-                            seq, 1 << 16, 1 << 14, None)
+          ack_keys: bytes = b"", ack_seqs: tuple[int, ...] = (), key: Any = KEY,
+          skip_lanes: int = 0, seqs_out: array.array[int] | None = None) -> Any:
+    seqs = array.array("I", ack_seqs) if seqs_out is None else seqs_out
+    return native.scan_lane(data, 0, len(data), True, pcapng_iface, ack_keys, seqs,
+                            skip_lanes, key, seq, 1 << 16, 1 << 14, None)
 
 
 def test_scan_lane_hands_back_what_it_cannot_take(native):
@@ -130,6 +133,34 @@ def test_scan_lane_hands_back_what_it_cannot_take(native):
         _scan(native, data, ack_keys=KEY, key=None)
     with pytest.raises(ValueError):
         _scan(native, data, key=b"short")
+    with pytest.raises(ValueError):  # more skip lanes than lanes
+        _scan(native, data, ack_keys=KEY, ack_seqs=(1,), key=None, skip_lanes=2)
+
+
+def test_scan_lane_declares_its_limits(native):
+    """fastpath sizes its lane table from the module; one lane more is refused."""
+    assert native.LANE_KEY_SIZE == len(KEY) == 12
+    assert native.HEADERS_LEN == 48
+    keys = [struct.pack("!IIHH", 1, i, 1, 2) for i in range(native.MAX_LANES + 1)]
+    data = _pcap_record(0, seq=7)
+    assert _scan(native, data, ack_keys=b"".join(keys[:-1]),
+                 ack_seqs=(0,) * native.MAX_LANES, key=None)[0] == 1
+    with pytest.raises(ValueError):
+        _scan(native, data, ack_keys=b"".join(keys), ack_seqs=(0,) * len(keys), key=None)
+
+
+def test_scan_lane_skip_lanes_drop_data_and_advance_their_sequence(native):
+    data = _pcap_record(100) + _pcap_record(50, seq=1100) + _pcap_record(10, seq=2000)
+    seqs = array.array("I", [1000])
+    status, off, last, *rest = _scan(native, data, ack_keys=KEY, key=None, skip_lanes=1,
+                                     seqs_out=seqs)
+    # two in-order segments skipped, the third is out of order: handed back
+    assert (status, off, rest[-2]) == (1, len(_pcap_record(100)) + len(_pcap_record(50)), 2)
+    assert seqs[0] == 1150 and rest[-1] == [0]  # lane 0 moved
+    # the same lane as an ACK-only lane: its data is for the general path at once
+    seqs = array.array("I", [1000])
+    assert _scan(native, data, ack_keys=KEY, key=None, seqs_out=seqs)[:2] == (1, 0)
+    assert seqs[0] == 1000
 
 
 def test_scan_lane_reads_pcapng_epbs_of_its_interface_only(native):

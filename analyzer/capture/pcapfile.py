@@ -25,6 +25,8 @@ from migshark.analyzer.records import Fields
 __all__ = [
     "CaptureFormatError",
     "CaptureReader",
+    "PcapWalker",
+    "PcapngWalker",
     "Frame",
     "Interface",
     "iter_frames",
@@ -85,8 +87,8 @@ _PCAP_MAGICS: dict[int, tuple[str, int, int]] = {
 }
 
 _U32_LE = struct.Struct("<I")
-# How often consumed pages of the mapping are released (see _release_behind).
-_RELEASE_STEP = 32 << 20
+# How often consumed pages of the mapping are released (see CaptureReader.release_behind).
+RELEASE_STEP = 32 << 20
 _tuple_new = tuple.__new__
 # Not every platform's mmap has it; without it RSS just is not trimmed.
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
@@ -186,6 +188,26 @@ class CaptureReader:
             return self._iter_pcap(close_when_done)
         return self._iter_pcapng(close_when_done)
 
+    @property
+    def view(self) -> memoryview:
+        """The whole file (raises ValueError once closed)."""
+        if self._view is None:
+            raise ValueError("CaptureReader is closed")
+        return self._view
+
+    @property
+    def released(self) -> int:
+        """The mapping's pages before this offset were handed back (see release_behind)."""
+        return self._released
+
+    def note_released(self, offset: int) -> None:
+        """Someone else (the C prefault thread) handed back the pages before `offset`."""
+        self._released = max(self._released, offset)
+
+    def malformed(self, exc: Exception) -> CaptureFormatError:
+        """The CaptureFormatError for a parser's unexpected exception."""
+        return self._malformed(exc)
+
     def _malformed(self, exc: Exception) -> CaptureFormatError:
         # Safety net for the "only CaptureFormatError" contract; the parsers
         # bound-check everything, so reaching this is itself a bug to report.
@@ -193,7 +215,7 @@ class CaptureReader:
 
     # -- helpers -----------------------------------------------------------
 
-    def _release_behind(self, off: int) -> int:
+    def release_behind(self, off: int) -> int:
         """Drop the mapping's pages before `off` from our address space.
 
         Touched pages of a file mapping count in the process's RSS until unmapped,
@@ -206,24 +228,11 @@ class CaptureReader:
         if self._mm is not None and end > self._released and _MADV_DONTNEED is not None:
             self._mm.madvise(_MADV_DONTNEED, self._released, end - self._released)
             self._released = end
-        return off + _RELEASE_STEP
+        return off + RELEASE_STEP
 
-    def _pcap_record(self, off: int) -> tuple[float, int, int] | None:
-        """(timestamp, data start, data end) of the classic-pcap record at `off`, or
-        None once it has been reported truncated. For callers outside the per-frame
-        loops, which inline the same checks for speed."""
-        view = self._view
-        assert view is not None
-        start = off + self._pcap_rec_len
-        if start > len(view):
-            self._truncated(off, "incomplete record header")
-            return None
-        sec, frac, caplen, _origlen = struct.unpack_from(self._pcap_order + "IIII", view, off)
-        end = start + caplen
-        if end > len(view):
-            self._truncated(off, f"record needs {caplen} bytes, {len(view) - start} left")
-            return None
-        return sec + frac / self.interfaces[0].ts_divisor, start, end
+    def report_truncated(self, offset: int, reason: str) -> None:
+        """The file ends inside the record at `offset` (see truncated_at)."""
+        self._truncated(offset, reason)
 
     def _truncated(self, offset: int, reason: str) -> None:
         self.truncated_at = offset
@@ -258,33 +267,8 @@ class CaptureReader:
 
     def _iter_pcap(self, close_when_done: bool) -> Iterator[Frame]:
         try:
-            view = self._view
-            assert view is not None
-            size = len(view)
-            rec = struct.Struct(self._pcap_order + "IIII").unpack_from
-            rec_len = self._pcap_rec_len
-            iface = self.interfaces[0]
-            linktype = iface.linktype
-            divisor = iface.ts_divisor
-            new = _tuple_new
-            off = 24
-            release_at = _RELEASE_STEP
-            while off < size:
-                if off >= release_at:
-                    release_at = self._release_behind(off)
-                start = off + rec_len
-                if start > size:
-                    self._truncated(off, "incomplete record header")
-                    return
-                sec, frac, caplen, origlen = rec(view, off)
-                end = start + caplen
-                # caplen is deliberately not checked against snaplen or 65535: Linux
-                # loopback GSO frames are up to 65549 bytes. The file size is the bound.
-                if end > size:
-                    self._truncated(off, f"record needs {caplen} bytes, {size - start} left")
-                    return
-                yield new(Frame, (sec + frac / divisor, linktype, view[start:end], 0, origlen))
-                off = end
+            walker = PcapWalker(self)
+            yield from walker.frames(walker.first, len(walker.view), release=True)
         except CaptureFormatError:
             raise
         except (struct.error, IndexError, OverflowError, ValueError) as exc:
@@ -297,21 +281,8 @@ class CaptureReader:
 
     def _iter_pcapng(self, close_when_done: bool) -> Iterator[Frame]:
         try:
-            view = self._view
-            assert view is not None
-            size = len(view)
             walker = PcapngWalker(self)
-            step = walker.step
-            off = 0
-            release_at = _RELEASE_STEP
-            while off < size:
-                if off >= release_at:
-                    release_at = self._release_behind(off)
-                off, frame = step(off)
-                if frame is not None:
-                    yield frame
-                elif off < 0:
-                    return
+            yield from walker.frames(0, len(walker.view), release=True)
         except CaptureFormatError:
             raise
         except (struct.error, IndexError, OverflowError, ValueError) as exc:
@@ -359,6 +330,74 @@ class CaptureReader:
         return iface
 
 
+class PcapWalker:
+    """Reads the records of a classic pcap file: the one walker of the reader's
+    iteration, fastpath's Python lane and the records the C lane hands back.
+
+    ``frames(off, stop)`` is the per-frame loop (a generator, so each frame costs
+    one resume); ``step(off)`` reads one record. Both leave in ``next_off`` the
+    offset of the record after the last one read, or -1 once the file was found
+    to end inside a record (reported to the reader).
+    """
+
+    def __init__(self, reader: CaptureReader) -> None:
+        self.reader = reader
+        self.view = reader.view
+        self.order = reader._pcap_order
+        self.little = self.order == "<"
+        self.header = struct.Struct(self.order + "IIII").unpack_from
+        self.header_len = reader._pcap_rec_len
+        iface = reader.interfaces[0]
+        self.linktype = iface.linktype
+        self.ts_divisor = iface.ts_divisor
+        self.first = 24  # after the file header
+        self.next_off = self.first
+
+    def frames(self, off: int, stop: int, release: bool = False) -> Iterator[Frame]:
+        """The frames of the records that start in [off, stop). With `release`, the
+        mapping is handed back behind the walk (see CaptureReader.release_behind)."""
+        view = self.view
+        size = len(view)
+        rec = self.header
+        rec_len = self.header_len
+        linktype = self.linktype
+        divisor = self.ts_divisor
+        new = _tuple_new
+        release_at = off + RELEASE_STEP if release else size
+        stop = min(stop, size)
+        self.next_off = off
+        while off < stop:
+            if off >= release_at:
+                release_at = self.reader.release_behind(off)
+            start = off + rec_len
+            if start > size:
+                self.next_off = -1
+                self.reader.report_truncated(off, "incomplete record header")
+                return
+            sec, frac, caplen, origlen = rec(view, off)
+            end = start + caplen
+            # caplen is deliberately not checked against snaplen or 65535: Linux
+            # loopback GSO frames are up to 65549 bytes. The file size is the bound.
+            if end > size:
+                self.next_off = -1
+                self.reader.report_truncated(
+                    off, f"record needs {caplen} bytes, {size - start} left")
+                return
+            self.next_off = off = end
+            yield new(Frame, (sec + frac / divisor, linktype, view[start:end], 0, origlen))
+
+    def step(self, off: int) -> tuple[int, Frame | None]:
+        """The record at `off`: (offset of the next one or -1, its frame or None)."""
+        for frame in self.frames(off, off + 1):
+            return self.next_off, frame
+        return -1, None
+
+    def time_at(self, off: int) -> float:
+        """The timestamp of the (complete) record at `off`."""
+        sec, frac = self.header(self.view, off)[:2]
+        return sec + frac / self.ts_divisor
+
+
 class PcapngWalker:
     """Reads a pcapng file one block at a time, from any block offset on.
 
@@ -369,8 +408,9 @@ class PcapngWalker:
 
     def __init__(self, reader: CaptureReader) -> None:
         self.reader = reader
-        self.view = reader._view
-        assert self.view is not None
+        self.view = reader.view
+        self.first = 0
+        self.next_off = 0
         self.order = "<"
         self._structs("<")
         self.interfaces: list[Interface] = []
@@ -383,6 +423,28 @@ class PcapngWalker:
         self.epb = struct.Struct(order + "IIIII").unpack_from
         self.u32 = struct.Struct(order + "I").unpack_from
         self.opb = struct.Struct(order + "HHIIII").unpack_from
+
+    @property
+    def little(self) -> bool:
+        """The current section is little-endian."""
+        return self.order == "<"
+
+    def frames(self, off: int, stop: int, release: bool = False) -> Iterator[Frame]:
+        """The frames of the blocks that start in [off, stop); `next_off` and
+        `release` as for PcapWalker.frames."""
+        size = min(stop, len(self.view))
+        step = self.step
+        self.next_off = off
+        release_at = off + RELEASE_STEP if release else size
+        while off < size:
+            if off >= release_at:
+                release_at = self.reader.release_behind(off)
+            off, frame = step(off)
+            self.next_off = off
+            if frame is not None:
+                yield frame
+            elif off < 0:
+                return
 
     def step(self, off: int) -> tuple[int, Frame | None]:
         """The block at `off`: (offset of the next block, its frame or None). The

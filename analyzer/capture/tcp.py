@@ -35,6 +35,7 @@ from migshark.analyzer.records import Fields
 
 __all__ = [
     "Connection",
+    "Direction",
     "DEFAULT_MAX_BUFFER",
     "FlowKey",
     "FlowStats",
@@ -147,7 +148,7 @@ class Connection(Fields):
     __slots__ = _fields = ("client", "server", "generation", "first_timestamp")
     # Each connection is its own: equal only to itself, hashable by identity.
     __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # type: ignore[assignment]  # Fields is unhashable: this one is
 
     def __init__(self, client: FlowKey, server: FlowKey, generation: int,
                  first_timestamp: float) -> None:
@@ -235,6 +236,22 @@ class _Dir:
     def offset_of(self, seq: int) -> int:
         return self.next_off + ((seq - self.next_seq + _HALF) & _MASK) - _HALF
 
+    @property
+    def in_order_ready(self) -> bool:
+        """Whether an in-order segment without SYN/FIN/RST takes feed's fast path:
+        nothing is waiting in either direction (see docs/capture.md)."""
+        return not self.pending and not self.peer.pending
+
+    def advance(self, n: int) -> None:
+        """Take `n` in-order bytes that bypassed feed (fastpath's lane): exactly what
+        feed's fast path does to this direction."""
+        self.next_off += n
+        self.next_seq = (self.next_seq + n) & _MASK
+
+
+# The reassembly state of one direction as the capture lane sees it (docs/capture.md).
+Direction = _Dir
+
 
 class TcpReassembler:
     """Reassemble every TCP connection of one capture.
@@ -281,6 +298,19 @@ class TcpReassembler:
             d.next_seq = (seg.seq + n) & _MASK
             return [StreamData(d.key, off, payload, seg.timestamp)]
         return self._slow(d, seg)
+
+    def direction(self, src: str, sport: int, dst: str, dport: int) -> _Dir | None:
+        """The current direction state for these addresses and ports, if any."""
+        return self._dirs.get((src, sport, dst, dport))
+
+    @property
+    def last_timestamp(self) -> float:
+        """The capture time of the last frame seen (the clock finish() gives up by)."""
+        return self._last_ts
+
+    @last_timestamp.setter
+    def last_timestamp(self, ts: float) -> None:
+        self._last_ts = ts
 
     def finish(self) -> list[StreamEvent]:
         out: list[StreamEvent] = []
