@@ -13,9 +13,6 @@ from migshark.analyzer.findings import CATALOGUE, Code
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_DIRS = ("analyzer", "dissectors", "tui")
-# Being rewritten by the capture-pipeline helper at the same time; converted there.
-NOT_YET_CONVERTED = {"analyzer/analysis.py", "analyzer/fastpath.py", "analyzer/speedups.py"}
-NOT_YET_CONVERTED_DIRS = ("analyzer/capture/",)
 # Scenario fault names live in their own namespace (the TOML `faults = [...]` list);
 # some are spelt like the finding they provoke, but they are not finding codes.
 FAULT_NAME_FILES = {"analyzer/scenario.py", "analyzer/encoder.py"}
@@ -57,9 +54,6 @@ def _product_files() -> list[Path]:
     out = []
     for folder in PRODUCT_DIRS:
         for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT).as_posix()
-            if rel in NOT_YET_CONVERTED or rel.startswith(NOT_YET_CONVERTED_DIRS):
-                continue
             out.append(path)
     return out
 
