@@ -13,14 +13,16 @@ import struct
 from typing import TYPE_CHECKING
 
 from migshark.analyzer import findings
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore
 
-_BE32 = struct.Struct(">I")
-_BE16 = struct.Struct(">H")
-_INSTANCE_VERSION = struct.Struct(">II")
+_SECTION_ID = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
+_COMMAND_NUMBER = struct.Struct(">" + g.field_format(g.CommandHeader, "command"))
+_INSTANCE_VERSION = struct.Struct(">" + g.field_format(g.SectionHeaderFull, "instance_id",
+                                                       "version_id"))
 _EOF, _VMDESCRIPTION = int(g.ItemType.EOF), int(g.ItemType.VMDESCRIPTION)
 _PART, _END = int(g.ItemType.SECTION_PART), int(g.ItemType.SECTION_END)
 _FULL, _START = int(g.ItemType.SECTION_FULL), int(g.ItemType.SECTION_START)
@@ -63,13 +65,13 @@ def plausible_next_item(machine: FramingMachine, pos: int, limit: int) -> bool |
     if item in (_PART, _END):
         if pos + 5 > limit:
             return None
-        return _BE32.unpack_from(buf, pos + 1)[0] in machine.sections
+        return _SECTION_ID.unpack_from(buf, pos + 1)[0] in machine.sections
     if item in (_FULL, _START):
         return plausible_name_at(buf, pos + 5, limit)
     if item == _COMMAND:
         if pos + 3 > limit:
             return None
-        return 0 < _BE16.unpack_from(buf, pos + 1)[0] <= 32
+        return 0 < _COMMAND_NUMBER.unpack_from(buf, pos + 1)[0] <= 32
     return False
 
 
@@ -100,7 +102,7 @@ class Resynchroniser:
                 found = rb.absolute(pos)
                 skipped = found - (self.resync_from or 0)
                 self.machine.emit(findings.make(
-                    "resynchronised",
+                    Code.RESYNCHRONISED,
                     f"skipped {skipped} bytes from {self.resync_from:#x} to the next "
                     f"recognisable item at {found:#x}", self.resync_from or 0,
                     length=skipped, fields={"skipped": skipped, "resumed_at": found}))
@@ -117,11 +119,11 @@ class Resynchroniser:
         skipped = end - (self.resync_from if self.resync_from is not None else end)
         if skipped:
             self.machine.emit(findings.make(
-                "resynchronised",
+                Code.RESYNCHRONISED,
                 f"skipped {skipped} bytes to the end of data without finding an item",
                 end - skipped, length=skipped, fields={"skipped": skipped, "resumed_at": None}))
         self.machine.emit(findings.make(
-            "truncated", "the stream ended while resynchronising, before EOF", end,
+            Code.TRUNCATED, "the stream ended while resynchronising, before EOF", end,
             fields={"element": None}))
 
     def _candidate(self, pos: int, end: int) -> bool | None:
@@ -145,7 +147,7 @@ class Resynchroniser:
             return instance < 4096 and version < 4096
         if pos + 5 > end:
             return None
-        section = self.machine.sections.get(_BE32.unpack_from(buf, pos + 1)[0])
+        section = self.machine.sections.get(_SECTION_ID.unpack_from(buf, pos + 1)[0])
         if section is None:
             return False
         return self.machine.dissector_for(section.idstr).plausible_start(buf, pos + 5, end)
