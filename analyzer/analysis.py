@@ -31,6 +31,7 @@ from migshark.analyzer.capture import (
 from migshark.analyzer.decode.resync import SIGNATURE_LOOKAHEAD, find_migration_records
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.fastpath import pump_capture
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Fields, Finding, Record, Severity
 from migshark.dissectors.grammar import QEVM_MAGIC
 from migshark.dissectors.registry import Kind
@@ -137,7 +138,7 @@ class MigrationStream:
                     self.iterations += 1
             else:
                 self.findings.append(event)
-                if event.code == "phase":
+                if event.code == Code.PHASE:
                     self.phases.append(event.fields["phase"])
             if self.sink is not None:
                 self.sink(self, event)
@@ -301,12 +302,12 @@ def _analyze_capture(path: str, kind: str, options: AnalysisOptions, sink: Event
     try:
         pump_capture(reader, demux)
     except CaptureFormatError as error:
-        input_findings.append(findings.make("capture-truncated", str(error), 0))
+        input_findings.append(findings.make(Code.CAPTURE_TRUNCATED, str(error), 0))
     finally:
         demux.finish()
     if reader.truncated_at is not None:
         input_findings.append(findings.make(
-            "capture-truncated",
+            Code.CAPTURE_TRUNCATED,
             f"the capture file ends inside a record at file offset {reader.truncated_at}: "
             f"{reader.truncated_reason}", 0))
     reader.close()
@@ -461,7 +462,7 @@ class CaptureDemux:
                 if stream is not None and not stream.closed:
                     side = "destination" if stream.flow != flow else "source"
                     stream.add_finding(findings.make(
-                        "peer-reset", f"TCP RST from the {side} ({flow.src}:{flow.sport}) "
+                        Code.PEER_RESET, f"TCP RST from the {side} ({flow.src}:{flow.sport}) "
                         f"after {stream.decoder.offset} stream bytes",
                         stream.decoder.offset))
             stream = self._by_flow.get(flow)

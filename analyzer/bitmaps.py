@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from migshark.analyzer import findings
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Fields, Finding, Record
 from migshark.dissectors import grammar as g
 from migshark.dissectors.registry import BITMAP_KINDS, Kind
@@ -314,9 +315,9 @@ class BitmapTracker:
             # records, which coverage checks report. A hole inside the dirty-bitmap
             # payload itself, or where the decoder did not know its place, may have
             # swallowed records of any bitmap in transit.
-            lost = event.code == "capture-gap" and not event.fields.get(
+            lost = event.code == Code.CAPTURE_GAP and not event.fields.get(
                 "inside_skipped_data", False)
-            if event.code == "missed-start" or lost:
+            if event.code == Code.MISSED_START or lost:
                 self._missed = self._missed or f"{event.code} at {event.offset:#x}"
             if lost and event.section in (None, g.DIRTY_BITMAP_SECTION_IDSTR):
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
@@ -342,12 +343,12 @@ class BitmapTracker:
             node = NOT_CAPTURED if node is None else node
             bitmap = NOT_CAPTURED if bitmap is None else bitmap
         if node is None:
-            found += self._once("no-device-name", "", event,
+            found += self._once(Code.NO_DEVICE_NAME, "", event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a device; QEMU: 'Error: block device name is not set'")
             return found
         if bitmap is None:
-            found += self._once("no-bitmap-name", node, event,
+            found += self._once(Code.NO_BITMAP_NAME, node, event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a bitmap; QEMU: 'Error: block device name is not set' (sic)")
             return found
@@ -369,7 +370,7 @@ class BitmapTracker:
                 found += self._rebuild_startless(state, None)
             if state.started_at is not None and state.completed_at is None:
                 found.append(findings.make(
-                    "incomplete-bitmap",
+                    Code.INCOMPLETE_BITMAP,
                     f"bitmap {state.node}/{state.name} never received COMPLETE; the data "
                     f"ended at {end_offset:#x}", state.started_at, section="dirty-bitmap",
                     node=state.node, bitmap=state.name))
@@ -380,12 +381,12 @@ class BitmapTracker:
 
     # --- record handlers ------------------------------------------------------
 
-    def _finding(self, code: str, record: Record, message: str) -> Finding:
+    def _finding(self, code: Code, record: Record, message: str) -> Finding:
         return findings.make(code, message, record.offset, section=record.section,
                              node=record.node, bitmap=record.bitmap, length=record.length)
 
-    def _once(self, code: str, subject: str, record: Record, message: str) -> list[Finding]:
-        key = (code, subject, record.bitmap or "" if code == "unknown-bitmap" else "")
+    def _once(self, code: Code, subject: str, record: Record, message: str) -> list[Finding]:
+        key = (code, subject, record.bitmap or "" if code == Code.UNKNOWN_BITMAP else "")
         if key in self._reported:
             return []
         self._reported.add(key)
@@ -444,20 +445,20 @@ class BitmapTracker:
             node = self.mapping.node(name)
             if node is None:
                 return self._once(
-                    "unknown-node", name, record,
+                    Code.UNKNOWN_NODE, name, record,
                     f"DEVICE_NAME '{name}' is not a node alias of the block-bitmap-mapping; "
                     f"QEMU: \"Error: Unknown node alias '{name}'\"")
             if self.destination is not None and self.destination.resolve(
                     node.node_name, node_only=True) is None:
                 return self._once(
-                    "unknown-node", name, record,
+                    Code.UNKNOWN_NODE, name, record,
                     f"node alias '{name}' maps to node '{node.node_name}', which the "
                     f"destination does not have; QEMU: \"Cannot find device='' nor "
                     f"node-name='{node.node_name}'\"")
             return []
         if self.destination is not None and self.destination.resolve(name) is None:
             return self._once(
-                "unknown-node", name, record,
+                Code.UNKNOWN_NODE, name, record,
                 f"DEVICE_NAME '{name}' is neither a device nor a node name on the "
                 f"destination; QEMU: \"Cannot find device='{name}' nor node-name='{name}'\"")
         return []
@@ -470,7 +471,7 @@ class BitmapTracker:
         if node is None or alias in node.bitmaps:
             return []  # an unknown node was reported already; QEMU stops there
         return self._once(
-            "unknown-bitmap", record.node, record,
+            Code.UNKNOWN_BITMAP, record.node, record,
             f"BITMAP_NAME '{alias}' is not a bitmap alias of node alias '{record.node}'; "
             f"QEMU: \"Error: Unknown bitmap alias '{alias}' on node '{node.node_name}' "
             f"(alias '{record.node}')\"")
@@ -485,13 +486,13 @@ class BitmapTracker:
         if existing is not None and existing.started_at is not None:
             if not draft:
                 found.append(self._finding(
-                    "bitmap-exists", record,
+                    Code.BITMAP_EXISTS, record,
                     f"second START for {label} (first at {existing.started_at:#x}); the "
                     "first one created it, so QEMU: \"Bitmap with the same name "
                     f"('{key[1]}') already exists on destination\""))
             elif existing.granularity is not None and existing.granularity != granularity:
                 found.append(self._finding(
-                    "granularity-mismatch", record,
+                    Code.GRANULARITY_MISMATCH, record,
                     f"second START for {label} with granularity {granularity}, the first "
                     f"(at {existing.started_at:#x}) had {existing.granularity}"))
             return found
@@ -499,14 +500,14 @@ class BitmapTracker:
         if dest_granularity is not None:
             if not draft:
                 found.append(self._finding(
-                    "bitmap-exists", record,
+                    Code.BITMAP_EXISTS, record,
                     f"the destination already has bitmap {label} (granularity "
                     f"{dest_granularity}); QEMU: \"Bitmap with the same name ('{key[1]}') "
                     "already exists on destination\""))
             elif dest_granularity != granularity:
                 # The 2017 draft reused an existing bitmap when the granularities agree.
                 found.append(self._finding(
-                    "granularity-mismatch", record,
+                    Code.GRANULARITY_MISMATCH, record,
                     f"START granularity {granularity} for {label}, the destination's "
                     f"bitmap has {dest_granularity}; the 2017 loader: \"Error: Migrated "
                     f"bitmap granularity ({granularity}) doesn't match the destination "
@@ -517,7 +518,7 @@ class BitmapTracker:
         state.bitmap_flags = (g.BitmapStartFlag.ENABLED if flags else 0) if draft else flags
         if not _valid_granularity(granularity):
             found.append(self._finding(
-                "invalid-granularity", record,
+                Code.INVALID_GRANULARITY, record,
                 f"granularity {granularity} for {label} is not a power of two between "
                 f"{g.MIN_GRANULARITY} and 2^31; QEMU's bdrv_create_dirty_bitmap() asserts"))
             state.unusable = f"invalid granularity {granularity}"
@@ -526,19 +527,19 @@ class BitmapTracker:
         if draft:
             if flags not in (0, 1):
                 found.append(self._finding(
-                    "unknown-flags", record,
+                    Code.UNKNOWN_FLAGS, record,
                     f"START for {label} carries enabled byte {flags:#04x}; the 2017 format "
                     "defines only 0 and 1 (the draft loader reads any non-zero as enabled)"))
             return found
         if flags & g.BitmapStartFlag.RESERVED_MASK:
             found.append(self._finding(
-                "reserved-start-flags", record,
+                Code.RESERVED_START_FLAGS, record,
                 f"START flags {flags:#04x} for {label} use reserved bits "
                 f"{flags & g.BitmapStartFlag.RESERVED_MASK:#04x}; QEMU: 'Unknown flags in "
                 f"migrated dirty bitmap header: {flags:x}'"))
         if flags & g.BitmapStartFlag.AUTOLOAD:
             found.append(self._finding(
-                "autoload-flag", record,
+                Code.AUTOLOAD_FLAG, record,
                 f"START for {label} carries the old autoload flag 0x04, which QEMU ignores"))
         return found
 
@@ -553,7 +554,7 @@ class BitmapTracker:
             # no bitmap lookup to fail.
             if self._destination_has(key) is None and self._real_node(key[0]) is not None:
                 found += self._once(
-                    "unknown-bitmap", key[0], record,
+                    Code.UNKNOWN_BITMAP, key[0], record,
                     f"BITS for {label}, which has no START in this stream"
                     + (" and does not exist on the destination" if self.destination else "")
                     + f"; QEMU: \"Error: unknown dirty bitmap '{self._real_name(key)}' for "
@@ -561,7 +562,7 @@ class BitmapTracker:
             return found
         if state.completed_at is not None:
             found.append(self._finding(
-                "bits-after-complete", record,
+                Code.BITS_AFTER_COMPLETE, record,
                 f"BITS for {label} after its COMPLETE at {state.completed_at:#x}"))
         return found + self._apply_bits(state, record)
 
@@ -590,14 +591,14 @@ class BitmapTracker:
             needed = word_count * 8
             if first_byte % (64 * granularity):
                 found.append(self._finding(
-                    "bitmap-range-invalid", record,
+                    Code.BITMAP_RANGE_INVALID, record,
                     f"BITS for {label} start at sector {first}, not on a 64-granule "
                     f"boundary ({64 * granularity} bytes); QEMU's hbitmap asserts"))
                 state.unusable = "a chunk QEMU cannot deserialise"
             found += self._check_disk_end(state, record, first, count, label)
             if state.add_coverage(first, first + count):
                 found.append(self._finding(
-                    "overlapping-chunks", record,
+                    Code.OVERLAPPING_CHUNKS, record,
                     f"BITS for {label} sectors {first}..{first + count} overlap earlier "
                     "chunks; QEMU overwrites the earlier bits"))
         if record.fields.get("zeroes"):
@@ -614,7 +615,7 @@ class BitmapTracker:
         padded = _align_up(needed, g.BITMAP_BUFFER_ALIGN)
         if needed > size or size > padded:
             found.append(self._finding(
-                "granularity-mismatch", record,
+                Code.GRANULARITY_MISMATCH, record,
                 f"BITS buffer of {size} bytes for {label}: {count} sectors at granularity "
                 f"{granularity} need {needed} (at most {padded} padded); QEMU: \"Migrated "
                 f"bitmap granularity doesn't match the destination bitmap '{key[1]}' "
@@ -645,7 +646,7 @@ class BitmapTracker:
         assert chunks is not None
         if state.completed_at is not None:
             return [self._finding(
-                "bits-after-complete", record,
+                Code.BITS_AFTER_COMPLETE, record,
                 f"BITS for {key[0]}/{key[1]} after its COMPLETE at {state.completed_at:#x}")]
         if len(chunks) >= MAX_STARTLESS_CHUNKS:
             state.unusable = f"more than {MAX_STARTLESS_CHUNKS} chunks held without START"
@@ -680,7 +681,7 @@ class BitmapTracker:
         state.granularity_fits = fits
         offset = complete.offset if complete is not None else state.first_offset
         found = [findings.make(
-            "bitmap-without-start",
+            Code.BITMAP_WITHOUT_START,
             f"the capture has no START for {label} ({self._missed}); "
             + (f"granularity {fits[0]} from {source}" if len(fits) == 1 else
                f"the chunk sizes fit granularities {describe_fits(fits)}, so no hash is given")
@@ -707,7 +708,7 @@ class BitmapTracker:
         if complete is not None and state.coverage and not state.covered_from_zero():
             holes = _holes(state.coverage)
             found.append(self._finding(
-                "coverage-gap", complete,
+                Code.COVERAGE_GAP, complete,
                 f"COMPLETE for {label} while sectors never arrived: "
                 + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
                 + (" ..." if len(holes) > 5 else "")))
@@ -731,12 +732,12 @@ class BitmapTracker:
                 state.disk_end_source = f"the short last chunk at {record.offset:#x}"
                 if state.coverage and state.end_sector > end:
                     return [self._finding(
-                        "chunk-beyond-disk", record,
+                        Code.CHUNK_BEYOND_DISK, record,
                         f"BITS for {label} end at sector {end}, the short chunk that ends "
                         f"a disk, but earlier chunks reach sector {state.end_sector}")]
         if state.disk_end is not None and end > state.disk_end:
             return [self._finding(
-                "chunk-beyond-disk", record,
+                Code.CHUNK_BEYOND_DISK, record,
                 f"BITS for {label} sectors {first}..{end} reach past sector "
                 f"{state.disk_end}, the disk end given by {state.disk_end_source}")]
         return []
@@ -750,7 +751,7 @@ class BitmapTracker:
                 state.startless_chunks = []
             if state.completed_at is not None:
                 return [self._finding(
-                    "bits-after-complete", record,
+                    Code.BITS_AFTER_COMPLETE, record,
                     f"second COMPLETE for {label} (first at {state.completed_at:#x})")]
             state.completed_at = record.offset
             return self._rebuild_startless(state, record)
@@ -759,24 +760,24 @@ class BitmapTracker:
                 return []  # reported as unknown-node where the name appeared
             if self.destination is not None and self._destination_has(key) is None:
                 return self._once(
-                    "unknown-bitmap", key[0], record,
+                    Code.UNKNOWN_BITMAP, key[0], record,
                     f"COMPLETE for {label}, which neither this stream nor the destination "
                     f"has; QEMU: \"Error: unknown dirty bitmap '{self._real_name(key)}' for "
                     f"block device '{self._real_node(key[0])}'\"")
             return [self._finding(
-                "complete-without-start", record,
+                Code.COMPLETE_WITHOUT_START, record,
                 f"COMPLETE for {label}, which has no START in this stream")]
         found = []
         if state.completed_at is not None:
             found.append(self._finding(
-                "bits-after-complete", record,
+                Code.BITS_AFTER_COMPLETE, record,
                 f"second COMPLETE for {label} (first at {state.completed_at:#x})"))
             return found
         state.completed_at = record.offset
         if state.coverage and not state.covered_from_zero():
             holes = _holes(state.coverage)
             found.append(self._finding(
-                "coverage-gap", record,
+                Code.COVERAGE_GAP, record,
                 f"COMPLETE for {label} while sectors never arrived: "
                 + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
                 + (" ..." if len(holes) > 5 else "")))

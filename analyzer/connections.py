@@ -36,6 +36,7 @@ from migshark.analyzer.capture import (
     TcpReassembler,
     TcpSegment,
 )
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Severity
 from migshark.analyzer.returnpath import ReturnPathDecoder
 from migshark.dissectors.grammar import QEVM_MAGIC
@@ -211,7 +212,7 @@ class Connection:
     def _start(self, timestamp: float | None) -> None:
         kind = classify(self._head)
         if kind is ConnectionKind.MULTIFD:
-            self._label(ConnectionKind.MULTIFD, "multifd-channel",
+            self._label(ConnectionKind.MULTIFD, Code.MULTIFD_CHANNEL,
                         f"{self.name}: multifd channel, pages not decoded")
         elif kind is ConnectionKind.MIGRATION or self.claim:
             self._begin_migration(timestamp)
@@ -220,7 +221,7 @@ class Connection:
         self._backlog.clear()
         self._head.clear()
 
-    def _label(self, kind: ConnectionKind, code: str, message: str) -> None:
+    def _label(self, kind: ConnectionKind, code: Code, message: str) -> None:
         self.kind = kind
         note = findings.make(code, message, 0)
         self.notes.append(note)
@@ -250,7 +251,7 @@ class Connection:
                        f"after {offset} stream bytes")
         else:
             message = f"the {self.reset_by} reset the connection after {offset} stream bytes"
-        self.stream.add_finding(findings.make("peer-reset", message, offset))
+        self.stream.add_finding(findings.make(Code.PEER_RESET, message, offset))
 
     def _return_path_events(self, events: list[Event]) -> None:
         stream = self.stream

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from migshark.analyzer.findings import Code
 from migshark.analyzer.scenario import BitmapSpec, Fault, NodeSpec, Scenario, ScenarioError
 from migshark.dissectors import grammar as g
 from migshark.dissectors.registry import Kind
@@ -405,7 +406,7 @@ class Encoder:
         start = self._section_start(g.DIRTY_BITMAP_SECTION_IDSTR, DIRTY_BITMAP_SECTION_ID,
                                     version)
         if "bad-section-version" in self.faults:
-            self._expect("bad-section-version", start)
+            self._expect(Code.BAD_SECTION_VERSION, start)
         for index, plan in enumerate(self.plans):
             granularity = plan.granularity
             flags = plan.start_flags
@@ -423,19 +424,19 @@ class Encoder:
                 granularity=granularity, bitmap_flags=flags, flags_width=width),
                 Kind.BITMAP_START, node=plan.node.wire_name, bitmap=plan.spec.wire_name)
             if target and "reserved-start-flags" in self.faults:
-                self._expect("reserved-start-flags", offset, plan)
+                self._expect(Code.RESERVED_START_FLAGS, offset, plan)
             if target and "multibyte-flags" in self.faults:
-                self._expect("multibyte-flags", offset, plan)
+                self._expect(Code.MULTIBYTE_FLAGS, offset, plan)
         if "drop-eos" in self.faults:
             # The footer (or whatever follows) is where the loader looks for a record.
-            self._expect("missing-eos", self.out.offset)
+            self._expect(Code.MISSING_EOS, self.out.offset)
             self.damaged.update(range(len(self.plans)))
         else:
             self._bitmap_eos()
         footer_id = DIRTY_BITMAP_SECTION_ID
         if "footer-mismatch" in self.faults:
             footer_id = RAM_SECTION_ID
-            self._expect("footer-mismatch", self.out.offset)
+            self._expect(Code.FOOTER_MISMATCH, self.out.offset)
         self._footer(DIRTY_BITMAP_SECTION_ID, footer_id)
 
     def _bitmap_eos(self) -> None:
@@ -457,26 +458,26 @@ class Encoder:
             g.BitmapFlag.BITS | g.BitmapFlag.ZEROES, device_name=device, bitmap_name=name,
             first_sector=0, sector_count=count), Kind.BITMAP_BITS, node=node.wire_name,
             bitmap=UNKNOWN_BITMAP_NAME)
-        self._expect("unknown-bitmap", offset, bitmap_name=UNKNOWN_BITMAP_NAME,
+        self._expect(Code.UNKNOWN_BITMAP, offset, bitmap_name=UNKNOWN_BITMAP_NAME,
                      node_name=node.wire_name)
 
     def _bits(self, index: int, plan: BitmapPlan, first: int, count: int,
               buffer: bytes | None) -> None:
         flags = g.BitmapFlag.BITS
         width = 1
-        expect: str | None = None
+        expect: Code | None = None
         if buffer is None:
             flags |= g.BitmapFlag.ZEROES
         elif index == self._fault_target and index not in self.damaged:
             if "wrong-granularity-start" in self.faults:
-                expect = "granularity-mismatch"
+                expect = Code.GRANULARITY_MISMATCH
             elif "wrong-buffer-size" in self.faults:
                 needed = plan.serialization_size(first, count)
                 buffer = buffer[: max(needed - 8, 0)]
-                expect = "granularity-mismatch"
+                expect = Code.GRANULARITY_MISMATCH
             elif "oversized-buffer" in self.faults:
                 buffer = buffer + bytes(g.BITMAP_MAX_BUFFER_SIZE + 32 - len(buffer))
-                expect = "buffer-too-large"
+                expect = Code.BUFFER_TOO_LARGE
         if "multibyte-flags" in self.faults and not self._multibyte_bits_done:
             width = 4
         device, name = self.names.names(plan.node, plan.spec, plan.spec.wire_name)
@@ -486,7 +487,7 @@ class Encoder:
             Kind.BITMAP_BITS, node=plan.node.wire_name, bitmap=plan.spec.wire_name)
         if width == 4:
             self._multibyte_bits_done = True
-            self._expect("multibyte-flags", offset, plan)
+            self._expect(Code.MULTIBYTE_FLAGS, offset, plan)
         if expect is not None:
             self._expect(expect, offset, plan)
             self.damaged.add(index)
@@ -536,7 +537,7 @@ class Encoder:
         raise ScenarioError("wrong-granularity-start: no granularity makes the first "
                             "dirty chunk's buffer size wrong; use a bigger dirty node")
 
-    def _expect(self, code: str, offset: int, plan: BitmapPlan | None = None, *,
+    def _expect(self, code: Code, offset: int, plan: BitmapPlan | None = None, *,
                 node_name: str | None = None, bitmap_name: str | None = None) -> None:
         self.findings.append({
             "code": code, "offset": offset,
@@ -551,7 +552,7 @@ class Encoder:
         # The decoder names the innermost element the data ended in; between elements
         # it names the cut itself.
         where = min(inside, key=lambda m: m.length).offset if inside else at
-        self._expect("truncated", where)
+        self._expect(Code.TRUNCATED, where)
         for index, plan in enumerate(self.plans):
             completes = [m for m in self.out.marks if m.kind == Kind.BITMAP_COMPLETE
                          and m.info["node"] == plan.node.wire_name

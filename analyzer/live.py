@@ -35,6 +35,7 @@ from migshark.analyzer.analysis import AnalysisOptions, MigrationStream
 from migshark.analyzer.capture import parse_frame
 from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Severity
 
 if TYPE_CHECKING:  # -w only: the writer is imported when asked for
@@ -139,9 +140,9 @@ class LiveCapture:
                    "migshark read them; expect capture gaps")
         open_streams = [s for s in self.tracker.streams if not s.closed]
         for stream in open_streams:
-            stream.add_finding(findings.make("kernel-drops", message, stream.decoder.offset))
+            stream.add_finding(findings.make(Code.KERNEL_DROPS, message, stream.decoder.offset))
         if not open_streams:
-            self._print(None, findings.make("kernel-drops", message, 0))
+            self._print(None, findings.make(Code.KERNEL_DROPS, message, 0))
 
     # --- the loop -----------------------------------------------------------
 

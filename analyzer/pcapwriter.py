@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from migshark.analyzer.findings import Code
 from migshark.analyzer.scenario import Fault, ScenarioError, TransportSpec
 
 LINKTYPE_ETHERNET = 1
@@ -112,7 +113,7 @@ def conversation(stream: bytes, transport: TransportSpec, faults: Iterable[Fault
     dropped = _pick_gap(segments, page_data or []) if "gap" in names else None
     if dropped is not None:
         offset, data = segments[dropped]
-        expected.append({"code": "capture-gap", "offset": offset, "length": len(data)})
+        expected.append({"code": Code.CAPTURE_GAP, "offset": offset, "length": len(data)})
     order = list(range(len(segments)))
     if "reorder" in names:
         for i in range(1, len(order) - 1, FAULT_PERIOD):
@@ -146,7 +147,7 @@ def conversation(stream: bytes, transport: TransportSpec, faults: Iterable[Fault
     end = base + len(stream)
     if "rst" in names:
         packets.append(Packet(clock.tick(0), False, dst_next, end, RST | ACK))
-        expected.append({"code": "peer-reset", "offset": len(stream)})
+        expected.append({"code": Code.PEER_RESET, "offset": len(stream)})
     else:
         packets += [
             Packet(clock.tick(0), True, end, dst_next, FIN | ACK),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from migshark.analyzer.scenario import Fault, ScenarioError, load_scenario, parse_fault
+from migshark.dissectors.registry import Kind
 
 SEND_CHUNK = 1 << 16
 
@@ -154,7 +155,7 @@ def cmd_replay(args: Any) -> int:
 
 # --- splicing a generated dirty-bitmap section into a real stream --------------------
 
-_SECTION_KINDS = ("section-start", "section-part", "section-end")
+_SECTION_KINDS = (Kind.SECTION_START, Kind.SECTION_PART, Kind.SECTION_END)
 
 
 def _bitmap_payload_spans(kinds_and_spans: list[tuple[str, int, int]], data: bytes
@@ -175,7 +176,7 @@ def _real_spans(stream: bytes) -> list[tuple[str, int, int]]:
             continue
         if event.kind in _SECTION_KINDS and event.section == DIRTY_BITMAP_SECTION_IDSTR:
             pending = (event.kind, event.end)
-        elif event.kind == "footer" and pending is not None:
+        elif event.kind == Kind.FOOTER and pending is not None:
             spans.append((pending[0], pending[1], event.offset))
             pending = None
     return spans
@@ -196,25 +197,25 @@ def splice(real: bytes, generated: Any) -> bytes:
     for mark in generated.marks:
         if mark.kind in _SECTION_KINDS and mark.info.get("section_id") == _generated_id():
             pending = (mark.kind, mark.end)
-        elif mark.kind == "footer" and pending is not None:
+        elif mark.kind == Kind.FOOTER and pending is not None:
             generated_spans.append((pending[0], pending[1], mark.offset))
             pending = None
     wanted = {kind: generated.data[lo:hi] for kind, lo, hi in
               _bitmap_payload_spans(generated_spans, generated.data)}
     real_spans = _bitmap_payload_spans(_real_spans(real), real)
     kinds = [kind for kind, _, _ in real_spans]
-    if "section-start" not in kinds:
+    if Kind.SECTION_START not in kinds:
         raise ReplayError(f"the capture has no {DIRTY_BITMAP_SECTION_IDSTR} section to "
                           "splice into (was dirty-bitmaps on?)")
-    if ("section-part" in wanted) != ("section-part" in kinds):
+    if (Kind.SECTION_PART in wanted) != (Kind.SECTION_PART in kinds):
         raise ReplayError("the scenario's mode (precopy/postcopy) differs from the capture's")
     out = bytearray()
     position = 0
     part_done = False
     for kind, lo, hi in real_spans:
         out += real[position:lo]
-        if kind == "section-part":
-            out += b"\x01" if part_done else wanted["section-part"]
+        if kind == Kind.SECTION_PART:
+            out += b"\x01" if part_done else wanted[Kind.SECTION_PART]
             part_done = True
         else:
             out += wanted.get(kind, b"\x01")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TextIO
 
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Record
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def _format_bitmaps(bitmaps: list[dict[str, Any]]) -> list[str]:
 
 def _format_findings(found: list[dict[str, Any]]) -> list[str]:
     # Phase notes are already the "phases" line.
-    shown = [f for f in found if f["code"] != "phase"]
+    shown = [f for f in found if f["code"] != Code.PHASE]
     out: list[str] = []
     for severity in ("error", "warning", "note"):
         group = [f for f in shown if f["severity"] == severity]

@@ -17,6 +17,7 @@ import struct
 from typing import Any
 
 from migshark.analyzer import findings
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, EventQueue, Record
 from migshark.dissectors import grammar as g
 from migshark.dissectors import returnpath as rp
@@ -73,7 +74,7 @@ class ReturnPathDecoder(EventQueue):
         self._timestamp = timestamp
         start = self.offset + len(self._buf)
         self._emit(findings.make(
-            "capture-gap", f"{length} return-path bytes missing at offset {start}; "
+            Code.CAPTURE_GAP, f"{length} return-path bytes missing at offset {start}; "
             "the rest of the return path is not decoded", start,
             section=RETURN_PATH_SECTION, length=length))
         self._buf.clear()
@@ -84,7 +85,7 @@ class ReturnPathDecoder(EventQueue):
     def finish(self) -> list[Event]:
         if self._buf and not self._lost:
             self._emit(findings.make(
-                "capture-truncated",
+                Code.CAPTURE_TRUNCATED,
                 f"the return path ends inside a message ({len(self._buf)} bytes left over)",
                 self.offset, section=RETURN_PATH_SECTION, length=len(self._buf)))
         return self._drain()
@@ -164,7 +165,7 @@ class ReturnPathDecoder(EventQueue):
         self._record(Kind.RP_MESSAGE, size, **fields)
         if message == ReturnPathMessage.SHUT and fields["value"]:
             self._emit(findings.make(
-                "return-path-error",
+                Code.RETURN_PATH_ERROR,
                 f"the destination shut the return path with error {fields['value']}",
                 self.offset, section=RETURN_PATH_SECTION, length=size))
 
@@ -202,7 +203,7 @@ class ReturnPathDecoder(EventQueue):
         return True
 
     def _bad(self, message: str, length: int) -> None:
-        self._emit(findings.make("bad-return-path", message, self.offset,
+        self._emit(findings.make(Code.BAD_RETURN_PATH, message, self.offset,
                                  section=RETURN_PATH_SECTION, length=length))
 
 

@@ -201,6 +201,12 @@ CommandBody = Struct(
 # MIG_CMD_PACKAGED carries only the length of the nested stream that follows it.
 PackagedLength = Int32ub
 PingValue = Int32ub
+# MIG_CMD_POSTCOPY_ADVISE (loadvm_postcopy_handle_advise): 16 bytes, or none from a
+# source too old to send them.
+PostcopyAdvise = Struct(
+    "remote_pagesize_summary" / Int64ub,
+    "target_page_size" / Int64ub,
+)
 
 # vmstate subsection inside CONFIGURATION or device state.
 SubsectionHeader = Struct(
@@ -365,6 +371,20 @@ def fixed_format(declaration: Struct) -> str:
         fmt = getattr(field.subcon, "fmtstr", None)
         if fmt is None or fmt[0] != ">":
             raise TypeError(f"{field.name} is not a fixed big-endian field")
+        parts.append(fmt[1:])
+    return "".join(parts)
+
+
+def field_format(declaration: Struct, *names: str) -> str:
+    """The `struct` format (big-endian, no prefix) of the named plain integer fields of
+    a Struct, in the order given: for reading a fixed field of a layout that also has
+    variable parts (the length of a LengthPrefixed32, a header's instance id)."""
+    by_name = {field.name: field for field in declaration.subcons}
+    parts = []
+    for name in names:
+        fmt = getattr(by_name[name].subcon, "fmtstr", None) if name in by_name else None
+        if fmt is None or fmt[0] != ">":
+            raise TypeError(f"{name} is not a fixed big-endian field")
         parts.append(fmt[1:])
     return "".join(parts)
 

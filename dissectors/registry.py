@@ -246,9 +246,10 @@ PACKAGED_LENGTH = _field("packaged_length", "command.packaged_length", "Packaged
                          g.PackagedLength, description="bytes of nested stream that follow")
 PING_VALUE = _field("value", "command.ping", "Ping value", g.PingValue)
 ADVISE_PAGESIZES = _field("remote_pagesize_summary", "command.advise.pagesize_summary",
-                          "Page size summary", FieldType.UINT64, base=Base.HEX)
+                          "Page size summary",
+                          declared(g.PostcopyAdvise, "remote_pagesize_summary"), base=Base.HEX)
 ADVISE_TARGET_PAGE = _field("target_page_size", "command.advise.target_page_size",
-                            "Target page size", FieldType.UINT64)
+                            "Target page size", declared(g.PostcopyAdvise, "target_page_size"))
 
 # --- RAM --------------------------------------------------------------------------------
 
@@ -576,6 +577,10 @@ class FieldView:
 
     @property
     def text(self) -> str:
+        if self.value is None and self.info.type is FieldType.BYTES and not self.generated:
+            # Bytes the decoder locates but does not keep (VMDESCRIPTION's JSON, a large
+            # BITS buffer): the hex pane shows them; the tree says how many there are.
+            return f"{self.length} bytes"
         return self.info.display(self.value)
 
     @property

@@ -4,6 +4,7 @@ receive buffer."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 from pathlib import Path
@@ -76,6 +77,8 @@ def _streams_with_spans() -> list[tuple[str, bytes]]:
     streams.append(("synthetic-precopy", synthetic.precopy_stream()))
     packaged = (g.build_file_header() + g.build_configuration("pc-q35-7.2")
                 + g.build_command(g.Command.PING, (7).to_bytes(4, "big"))
+                + g.build_command(g.Command.POSTCOPY_ADVISE, g.PostcopyAdvise.build(
+                    {"remote_pagesize_summary": 0x201000, "target_page_size": 4096}))
                 + g.build_packaged(g.build_section_start(
                     g.ItemType.SECTION_FULL, 5, "timer", 0, 2) + b"\x01\x02"
                     + g.build_footer(5) + g.build_eof())
@@ -87,10 +90,10 @@ def _streams_with_spans() -> list[tuple[str, bytes]]:
 # Records that have no wire fields of their own, or whose fields are not dissected
 # (RAM records: a run stands for thousands of records).
 _NO_SPANS = {"package-end", "device-state"}
-# Span keys with no value in `fields`: the item type byte, CONFIGURATION's length, a
-# BITS buffer too large to keep.
-_WIRE_ONLY = {"configuration": ("item_type", "length"),
-              "bitmap-bits": ("buffer",)}
+# Span keys with no value of their own in `fields`: the item type byte, VMDESCRIPTION's
+# JSON (fields keep its device count), a BITS buffer too large to keep.
+_WIRE_ONLY = {"vmdescription": ("item_type", "json"),
+              "bitmap-bits": ("item_type", "buffer")}
 # Counted strings: the span covers the length byte and the bytes.
 _COUNTED = {"idstr", "device_name", "bitmap_name"}
 
@@ -108,6 +111,13 @@ def _check_value(data: bytes, record: Record, key: str, start: int, size: int) -
         assert raw[1:].decode("utf-8", "surrogateescape") == fields[key]
     elif key == "length" and record.kind == "configuration":
         assert int.from_bytes(raw, "big") == len(fields["machine_type"].encode())
+        assert fields["length"] == len(fields["machine_type"].encode())
+    elif key == "subsections":
+        names = []
+        stream = io.BytesIO(raw)
+        while stream.tell() < len(raw):
+            names.append(g.ConfigurationSubsection.parse_stream(stream).header.idstr)
+        assert names == fields["subsections"]
     elif key == "machine_type":
         assert raw.decode() == fields[key]
     elif key == "command":
@@ -120,7 +130,8 @@ def _check_value(data: bytes, record: Record, key: str, start: int, size: int) -
         if "buffer" in fields:
             assert raw == fields["buffer"]
         assert size == fields["buffer_size"]
-    elif key == "devices":
+    elif key == "json":
+        assert fields["valid_json"]
         assert len(json.loads(raw)["devices"]) == fields["devices"]
     elif key == "data":
         assert raw.hex() == fields["data"]
@@ -293,4 +304,112 @@ def test_a_record_cut_by_the_end_of_data_claims_only_the_bytes_that_came():
     assert record.end == cut
     assert record.spans is not None and record.spans[-1][0] == "buffer"
     assert all(start + size <= cut for _key, start, size in record.spans)
-    assert record.spans[-1][2] == bits.spans[-1][2] - 100  # type: ignore[index]
+    assert record.spans[-1][2] == bits.spans[-1][2] - 100
+
+
+# --- CONFIGURATION read through g.ConfigurationSubsection -------------------------------
+
+# What follows the CONFIGURATION: a device section, then the stream's end.
+_TAIL = (g.build_section_start(g.ItemType.SECTION_FULL, 5, "timer", 0, 2) + b"\x01\x02"
+         + g.build_footer(5) + g.build_eof() + g.build_vmdescription(b'{"devices": []}'))
+_PAGE_BITS = g.build_configuration_subsection(g.CONFIG_TARGET_PAGE_BITS,
+                                              {"target_page_bits": 12})
+
+
+def _capabilities(names: list[str], count: int | None = None) -> bytes:
+    """A capabilities subsection; `count` other than len(names) crafts a lying count."""
+    body = g.build_configuration_subsection(g.CONFIG_CAPABILITIES,
+                                            {"count": len(names), "capabilities": names})
+    if count is None:
+        return body
+    at = 1 + 1 + len(g.CONFIG_CAPABILITIES) + 4
+    return body[:at] + count.to_bytes(4, "big") + body[at + 4:]
+
+
+def _configuration_stream(subsections: bytes) -> tuple[bytes, int]:
+    """A stream whose CONFIGURATION carries `subsections`; and where they start."""
+    head = g.build_file_header() + g.build_configuration("pc-q35-7.2")
+    return head + subsections + _TAIL, len(head)
+
+
+def _all_subsections() -> bytes:
+    return (_PAGE_BITS + _capabilities(["x-ignore-shared", "postcopy-ram"])
+            + g.build_configuration_subsection(g.CONFIG_UUID, {"uuid": bytes(range(16))}))
+
+
+def test_configuration_reads_every_declared_subsection() -> None:
+    subsections = _all_subsections()
+    data, at = _configuration_stream(subsections)
+    events = decode_bytes(data)
+    config = next(e for e in events if isinstance(e, Record) and e.kind == "configuration")
+    assert config.fields == {"length": 10, "machine_type": "pc-q35-7.2",
+                             "subsections": [g.CONFIG_TARGET_PAGE_BITS,
+                                             g.CONFIG_CAPABILITIES, g.CONFIG_UUID]}
+    assert config.end == at + len(subsections)
+    assert config.spans is not None and ("subsections", at, len(subsections)) in config.spans
+    assert not [e for e in events if isinstance(e, Finding) and e.code != "phase"]
+    pieces = [1] * len(data)
+    assert _decode_in_chunks(data, pieces) == _decode_in_chunks(data, [])
+
+
+@pytest.mark.parametrize("count", [g.MAX_CONFIG_CAPABILITIES + 1, 1000, 0xFFFF_FFFF])
+def test_a_capability_count_over_the_limit_is_a_finding_at_its_offset(count: int) -> None:
+    data, at = _configuration_stream(_PAGE_BITS + _capabilities(["x-ignore-shared"], count=count))
+    count_at = at + len(_PAGE_BITS) + 1 + 1 + len(g.CONFIG_CAPABILITIES) + 4
+    assert int.from_bytes(data[count_at : count_at + 4], "big") == count
+    events = decode_bytes(data)
+    over = [e for e in events if isinstance(e, Finding) and e.code == "truncated"]
+    assert len(over) == 1
+    assert over[0].offset == count_at and over[0].length == 4
+    assert over[0].fields == {"element": "CONFIGURATION capabilities", "count": count,
+                              "limit": g.MAX_CONFIG_CAPABILITIES}
+    config = next(e for e in events if isinstance(e, Record) and e.kind == "configuration")
+    # What was read before the bad subsection stays a record; the walk then resyncs to
+    # the next real item instead of believing the count.
+    assert config.fields["subsections"] == [g.CONFIG_TARGET_PAGE_BITS]
+    assert config.end == at + len(_PAGE_BITS)
+    assert [e.kind for e in events if isinstance(e, Record)][-2:] == ["eof", "vmdescription"]
+    assert any(isinstance(e, Finding) and e.code == "resynchronised" for e in events)
+    assert _decode_in_chunks(data, [1] * len(data)) == _decode_in_chunks(data, [])
+
+
+def test_a_capability_count_at_the_limit_is_read() -> None:
+    names = [f"cap-{i}" for i in range(g.MAX_CONFIG_CAPABILITIES)]
+    data, at = _configuration_stream(_capabilities(names))
+    events = decode_bytes(data)
+    config = next(e for e in events if isinstance(e, Record) and e.kind == "configuration")
+    assert config.fields["subsections"] == [g.CONFIG_CAPABILITIES]
+    assert not [e for e in events if isinstance(e, Finding) and e.code != "phase"]
+
+
+def test_an_undeclared_subsection_ends_the_configuration() -> None:
+    odd = g.SubsectionHeader.build({"idstr": "configuration/other", "version_id": 1})
+    data, at = _configuration_stream(b"\x05" + odd + b"\x00" * 4)
+    events = decode_bytes(data)
+    config = next(e for e in events if isinstance(e, Record) and e.kind == "configuration")
+    assert config.end == at and config.fields["subsections"] == []
+    unknown = [e for e in events if isinstance(e, Finding) and e.code == "unknown-item"]
+    assert unknown and unknown[0].offset == at
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 30, 40])
+def test_a_configuration_cut_inside_a_subsection_is_truncated_not_a_crash(cut: int) -> None:
+    data, at = _configuration_stream(_all_subsections())
+    events = decode_bytes(data[: at + cut])
+    assert not [e for e in events if isinstance(e, Record) and e.kind == "configuration"]
+    truncated = [e for e in events if isinstance(e, Finding) and e.code == "truncated"]
+    assert truncated and truncated[0].offset == at - 15
+
+
+@pytest.mark.parametrize("path", BUNDLED_STREAMS, ids=lambda path: path.name)
+def test_the_decoder_emits_registered_names(path: Path) -> None:
+    from migshark.analyzer.findings import Code
+    from migshark.dissectors.registry import Kind
+
+    events = decode_bytes(path.read_bytes())
+    assert events
+    for event in events:
+        if isinstance(event, Record):
+            assert type(event.kind) is Kind, event
+        else:
+            assert type(event.code) is Code, event

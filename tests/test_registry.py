@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,85 @@ def test_describe_a_command_whose_span_key_differs_from_its_value_key() -> None:
         ("command.name", "PACKAGED", True)]
     assert views[1].text == "PACKAGED (7)"
     assert sum(v.length for v in views if not v.generated) == len(data)
+
+
+_KIND_SCAN_SKIPPED = ("dissectors/registry.py",)  # where the kinds are declared
+# Kind values that are also ordinary words elsewhere ("command" is a field name,
+# "footer" a delimiting method, "configuration" a section label): only the hyphenated
+# kinds are unmistakable as literals, and record() calls are checked for all kinds.
+_HYPHENATED_KINDS = {kind.value for kind in Kind if "-" in kind.value}
+
+
+def _kind_literals(source: str) -> list[tuple[int, str]]:
+    tree = ast.parse(source)
+    kinds = {kind.value for kind in Kind}
+    hits = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and node.value in _HYPHENATED_KINDS):
+            hits.append((node.lineno, node.value))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "record" and node.args
+              and isinstance(node.args[0], ast.Constant) and node.args[0].value in kinds
+              and node.args[0].value not in _HYPHENATED_KINDS):
+            hits.append((node.lineno, node.args[0].value))
+    return hits
+
+
+def test_no_record_kind_string_literal_in_product_code() -> None:
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for folder in ("analyzer", "dissectors", "tui"):
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(_KIND_SCAN_SKIPPED):
+                continue
+            found += [f"{rel}:{line}: {value!r}" for line, value in
+                      _kind_literals(path.read_text())]
+    assert found == []
+
+
+def test_the_kind_scan_sees_literals() -> None:
+    hits = _kind_literals('machine.record("footer", 0, 5)\nkind = "bitmap-bits"\n'
+                          'x = {"footer": 1}\nmachine.record(Kind.EOF, 0, 1)\n')
+    assert sorted(hits) == [(1, "footer"), (2, "bitmap-bits")]
+
+
+def _decoded(data: bytes) -> list[Record]:
+    from migshark.analyzer.decoder import decode_bytes
+
+    return [event for event in decode_bytes(data) if isinstance(event, Record)]
+
+
+def test_every_item_type_view_names_its_type_byte() -> None:
+    data = (CAPTURES / "generated" / "clean.bin").read_bytes()
+    shown = 0
+    for record in _decoded(data):
+        for view in describe(record):
+            if view.info is reg.ITEM:
+                item = g.ItemType(data[view.offset])
+                assert view.text == f"{item.name} ({int(item):#x})", record
+                shown += 1
+    assert shown > 10
+
+
+def test_vmdescription_json_span_is_the_registry_json_field() -> None:
+    json_bytes = b'{"devices": [{"name": "timer"}]}'
+    data = g.build_file_header() + g.build_eof() + g.build_vmdescription(json_bytes)
+    record = next(r for r in _decoded(data) if r.kind == Kind.VMDESCRIPTION)
+    assert record.fields == {"length": len(json_bytes), "valid_json": True, "devices": 1}
+    views = {view.info.filter_name: view for view in describe(record)}
+    json_view = views["vmdescription.json"]
+    assert not json_view.generated and json_view.exact
+    assert data[json_view.offset : json_view.offset + json_view.length] == json_bytes
+    assert json_view.text == f"{len(json_bytes)} bytes"
+    assert views["vmdescription.devices"].generated and views["vmdescription.devices"].text == "1"
+
+
+def test_configuration_length_has_its_value() -> None:
+    data = g.build_file_header() + g.build_configuration("pc-i440fx-7.2") + g.build_eof()
+    record = next(r for r in _decoded(data) if r.kind == Kind.CONFIGURATION)
+    views = {view.info.filter_name: view for view in describe(record)}
+    length = views["configuration.length"]
+    assert length.value == 13 and length.text == "13" and not length.generated
+    assert int.from_bytes(data[length.offset : length.offset + 4], "big") == 13

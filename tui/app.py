@@ -28,6 +28,7 @@ from textual.widgets.tree import TreeNode
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError
 from migshark.analyzer.capture import sniff_format
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Record, Severity
 from migshark.analyzer.report import format_event_line
 from migshark.dissectors.registry import describe, kind_info
@@ -124,8 +125,8 @@ class FindingsScreen(Screen[None]):
         if len(self.store.findings) == self.shown_count:
             return
         self.shown_count = len(self.store.findings)
-        shown = [(s, f) for s, f in self.store.findings if f.code != "phase"]
-        phases = [(s, f) for s, f in self.store.findings if f.code == "phase"]
+        shown = [(s, f) for s, f in self.store.findings if f.code != Code.PHASE]
+        phases = [(s, f) for s, f in self.store.findings if f.code == Code.PHASE]
         self.query_one("#findings-title", Static).update(Text(
             f" Findings: {len(shown)}   Enter: go to the record   Esc: back"))
         self.query_one("#no-findings").display = not shown
@@ -539,7 +540,7 @@ class MigsharkApp(App[None]):
             frame.add_leaf(f"bitmap: {record.node}/{record.bitmap}", data=whole)
         self._add_fields(tree, record, whole)
         attached = [f for s, f in self.store.findings
-                    if s == stream and f.code != "phase"
+                    if s == stream and f.code != Code.PHASE
                     and record.offset <= f.offset < max(record.end, record.offset + 1)]
         if attached:
             expert = tree.root.add(f"Findings ({len(attached)})", data=whole, expand=True)

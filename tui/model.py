@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from migshark.analyzer.analysis import AnalysisOptions, InputError, MigrationStream, analyze_path
 from migshark.analyzer.bitmaps import SECTOR, BitmapTracker, PagedWords
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Record, Severity
 from migshark.dissectors.registry import BITMAP_KINDS
 from migshark.tui.filter import Predicate, RowView
@@ -299,7 +300,7 @@ class Store:
         """Add one event; returns the row index when it is a record."""
         if isinstance(event, Finding):
             self.findings.append((stream, event))
-            if event.code == "phase":
+            if event.code == Code.PHASE:
                 return None
             self.problems += 1
             row = self.row_at(stream, event.offset)

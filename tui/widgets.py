@@ -36,12 +36,12 @@ KIND_STYLES: dict[str, Style] = {
     Kind.FILE_HEADER: Style(color="#ffe9a8"),
     Kind.EOF: Style(color="#ffe9a8", bold=True),
     Kind.VMDESCRIPTION: Style(color="#ffe9a8"),
+    Kind.FOOTER: Style(color="#707070"),
 }
 FAMILY_STYLES = {
     "ram": Style(color="#8a8a8a"),
     "section": Style(color="#9fc5e8"),
     "device": Style(color="#b4a7d6"),
-    "footer": Style(color="#707070"),
 }
 SEVERITY_STYLES = {
     Severity.ERROR: Style(color="#ffffff", bgcolor="#8b1a1a", bold=True),

@@ -28,13 +28,14 @@ from migshark.analyzer.decode.receivebuffer import ReceiveBuffer
 from migshark.analyzer.decode.resync import Resynchroniser
 from migshark.analyzer.decode.sections import SectionDissector, dissector_classes
 from migshark.analyzer.decode.state import NeedMore, Section, State
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, EventQueue, Finding, Record
 from migshark.analyzer.vmstate import index_vmdesc
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 Reader = Callable[[], NeedMore | None]
 
-_BE32 = struct.Struct(">I")
 _FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
 _FILE_HEADER_LEN = g.FileHeader.sizeof()
 _SECTION_FOOTER = int(g.ItemType.SECTION_FOOTER)
@@ -123,7 +124,7 @@ class FramingMachine(EventQueue):
 
     emit = EventQueue._emit
 
-    def record(self, kind: str, start: int, end: int,
+    def record(self, kind: Kind, start: int, end: int,
                spans: tuple[tuple[str, int, int], ...] | None = None, **fields: Any) -> Record:
         sec = self.current
         record = Record(start, end - start, kind, sec.idstr if sec else None,
@@ -211,7 +212,7 @@ class FramingMachine(EventQueue):
             return
         self._missed_start_reported = True
         self.emit(findings.make(
-            "missed-start",
+            Code.MISSED_START,
             f"{why}: the stream header, the configuration, every section START (so the "
             "dirty-bitmap START records with their granularities and flags) and the "
             "setup-phase records are not in the data; sections are recognised by their "
@@ -221,7 +222,7 @@ class FramingMachine(EventQueue):
         if name in self._phases:
             return
         self._phases.add(name)
-        self.emit(findings.make("phase", f"migration phase: {name}", offset,
+        self.emit(findings.make(Code.PHASE, f"migration phase: {name}", offset,
                                 fields={"phase": name}))
 
     def _package_overrun(self, what: str) -> None:
@@ -229,7 +230,7 @@ class FramingMachine(EventQueue):
         start = self.rb.offset
         assert self.package_end is not None
         self.emit(findings.make(
-            "truncated", f"{what} at {start:#x} runs past the end of its PACKAGED command "
+            Code.TRUNCATED, f"{what} at {start:#x} runs past the end of its PACKAGED command "
             f"at {self.package_end:#x}", start, length=self.package_end - start,
             section=self.section_name(),
             fields={"element": what, "package_end": self.package_end}))
@@ -248,21 +249,21 @@ class FramingMachine(EventQueue):
         if rb.available() < _FILE_HEADER_LEN:
             return _FILE_HEADER_LEN
         raw = rb.peek(_FILE_HEADER_LEN)
-        magic, version = raw[:4], _BE32.unpack_from(raw, 4)[0]
+        magic = raw[: len(g.QEVM_MAGIC)]
         if magic != g.QEVM_MAGIC:
             self.emit(findings.make(
-                "bad-magic", f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
+                Code.BAD_MAGIC, f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
                 fields={"magic": magic.hex()}))
             # Maybe the data begins mid-stream (a cut file): learn sections by payload.
             self.learning = True
             self.enter_resync(0)
             return None
-        header = g.FileHeader.parse(raw)
-        self.record("file-header", 0, 8, (("magic", 0, 4), ("version", 4, 4)),
-                    magic="QEVM", version=header.version)
+        version = g.FileHeader.parse(raw).version
+        self.record(Kind.FILE_HEADER, 0, 8, (("magic", 0, 4), ("version", 4, 4)),
+                    magic="QEVM", version=version)
         if version != g.QEVM_VERSION:
             self.emit(findings.make(
-                "bad-version", f"stream version {version}, QEMU reads only 3", 4, length=4,
+                Code.BAD_VERSION, f"stream version {version}, QEMU reads only 3", 4, length=4,
                 fields={"version": version, "expected": g.QEVM_VERSION}))
         rb.pos += 8
         self.set_state(State.ITEM)
@@ -271,7 +272,7 @@ class FramingMachine(EventQueue):
     def _read_item(self) -> NeedMore | None:
         rb = self.rb
         if self.package_end is not None and rb.base + rb.pos >= self.package_end:
-            self.record("package-end", self.package_end, self.package_end)
+            self.record(Kind.PACKAGE_END, self.package_end, self.package_end)
             self._leave_package()
             return None
         if self.available() < 1:
@@ -281,7 +282,7 @@ class FramingMachine(EventQueue):
         reader = ITEM_READERS.get(item_type)
         if reader is None:
             self.emit(findings.make(
-                "unknown-item", f"unknown item type byte {item_type:#04x}", self.item_start,
+                Code.UNKNOWN_ITEM, f"unknown item type byte {item_type:#04x}", self.item_start,
                 length=1, section=self.section_name(), fields={"item_type": item_type}))
             self.enter_resync(self.item_start)
             return None
@@ -300,7 +301,7 @@ class FramingMachine(EventQueue):
     def _trailing(self) -> None:
         start = self.rb.offset
         self.emit(findings.make(
-            "trailing-data", f"data after the end of the stream at {start:#x}", start))
+            Code.TRAILING_DATA, f"data after the end of the stream at {start:#x}", start))
         self.set_state(State.DONE)
 
     def _read_done(self) -> NeedMore | None:
@@ -340,12 +341,12 @@ class FramingMachine(EventQueue):
             return self.short(5, "a section footer")
         start = rb.base + rb.pos
         (footer_id,) = _FOOTER.unpack_from(rb.data, rb.pos + 1)
-        self.record("footer", start, start + 5,
+        self.record(Kind.FOOTER, start, start + 5,
                     (("item_type", start, 1), ("section_id", start + 1, 4)),
                     section_id=footer_id)
         if footer_id != section.section_id:
             self.emit(findings.make(
-                "footer-mismatch",
+                Code.FOOTER_MISMATCH,
                 f"footer names section {footer_id}, but section "
                 f"{section.section_id} ({section.idstr}) just ended", start, length=5,
                 section=section.idstr,
@@ -362,7 +363,7 @@ class FramingMachine(EventQueue):
         found = (f"byte {rb.data[rb.pos]:#04x}" if rb.pos < len(rb.data)
                  else "the end of data")
         self.emit(findings.make(
-            "footer-mismatch", f"no footer after section {section.section_id} "
+            Code.FOOTER_MISMATCH, f"no footer after section {section.section_id} "
             f"({section.idstr}); found {found}", start, section=section.idstr,
             fields={"section_id": section.section_id,
                     "found": rb.data[rb.pos] if rb.pos < len(rb.data) else None}))

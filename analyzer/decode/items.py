@@ -9,16 +9,22 @@ dissector (machine.begin_payload).
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from construct import ConstructError
 
 from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.resync import guess_section
 from migshark.analyzer.decode.state import NeedMore, Section, State
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
     from migshark.analyzer.decode.framing import FramingMachine
@@ -30,14 +36,23 @@ ItemReader = Callable[["FramingMachine"], NeedMore | None]
 MAX_CONFIGURATION = 4096
 MAX_VMDESCRIPTION = 64 << 20
 
-_BE32 = struct.Struct(">I")
+_LENGTH_PREFIX = struct.Struct(">" + g.field_format(g.LengthPrefixed32, "length"))
+_FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
+_SUBSECTION_MARKER = int(g.ItemType.SUBSECTION)
+_CAPABILITY_COUNT = struct.Struct(
+    ">" + g.field_format(g.ConfigurationSubsectionBody[g.CONFIG_CAPABILITIES], "count"))
+# The longest subsection the grammar admits below the capability limit: the marker, a
+# header with a 255-byte idstr, a count and that many 255-byte counted names.
+_MAX_SUBSECTION = (1 + 1 + 255 + 4 + _CAPABILITY_COUNT.size
+                   + g.MAX_CONFIG_CAPABILITIES * (1 + 255))
+_ADVISE = struct.Struct(">" + g.fixed_format(g.PostcopyAdvise))
 _SECTION_SHORT = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
 _SECTION_START, _SECTION_PART = int(g.ItemType.SECTION_START), int(g.ItemType.SECTION_PART)
 _section_full = GrammarParser(g.SectionHeaderFull)
 
 
 def read_eof(machine: FramingMachine) -> NeedMore | None:
-    machine.record("eof", machine.item_start, machine.item_start + 1,
+    machine.record(Kind.EOF, machine.item_start, machine.item_start + 1,
                    (("item_type", machine.item_start, 1),))
     machine.rb.pos += 1
     machine.ended = True
@@ -54,10 +69,10 @@ def read_vmdescription(machine: FramingMachine) -> NeedMore | None:
         return 5
     rb = machine.rb
     start = machine.item_start
-    length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
+    (length,) = _LENGTH_PREFIX.unpack_from(rb.data, rb.pos + 1)
     if length > MAX_VMDESCRIPTION:
         machine.emit(findings.make(
-            "truncated", f"VMDESCRIPTION claims {length} bytes, more than the "
+            Code.TRUNCATED, f"VMDESCRIPTION claims {length} bytes, more than the "
             f"{MAX_VMDESCRIPTION} this decoder accepts", start,
             fields={"element": "VMDESCRIPTION", "length": length,
                     "limit": MAX_VMDESCRIPTION}))
@@ -71,9 +86,9 @@ def read_vmdescription(machine: FramingMachine) -> NeedMore | None:
     except ValueError:
         desc = None
     rb.pos += 5 + length
-    machine.record("vmdescription", start, start + 5 + length,
+    machine.record(Kind.VMDESCRIPTION, start, start + 5 + length,
                    (("item_type", start, 1), ("length", start + 1, 4),
-                    ("devices", start + 5, length)),
+                    ("json", start + 5, length)),
                    length=length, valid_json=desc is not None,
                    devices=len(desc.get("devices", [])) if isinstance(desc, dict) else 0)
     if isinstance(desc, dict):
@@ -87,10 +102,10 @@ def read_configuration(machine: FramingMachine) -> NeedMore | None:
         return machine.short(5, "CONFIGURATION")
     rb = machine.rb
     start = machine.item_start
-    length = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
+    (length,) = _LENGTH_PREFIX.unpack_from(rb.data, rb.pos + 1)
     if length > MAX_CONFIGURATION:
         machine.emit(findings.make(
-            "truncated", f"CONFIGURATION claims a {length}-byte machine type",
+            Code.TRUNCATED, f"CONFIGURATION claims a {length}-byte machine type",
             start, section="configuration",
             fields={"element": "CONFIGURATION", "length": length,
                     "limit": MAX_CONFIGURATION}))
@@ -101,59 +116,86 @@ def read_configuration(machine: FramingMachine) -> NeedMore | None:
     body = g.LengthPrefixed32.parse(rb.peek(4 + length, 1))
     name = body.data.decode("utf-8", "replace")
     machine.machine_type = name
-    pos = rb.pos + 5 + length
+    subsections_at = pos = rb.pos + 5 + length
     subsections: list[str] = []
     # Newer QEMU appends vmstate subsections (target page bits, capabilities, uuid).
     while True:
         parsed = _configuration_subsection(machine, pos)
+        if isinstance(parsed, _TooManyCapabilities):
+            _record_configuration(machine, length, name, subsections, subsections_at, pos)
+            machine.emit(findings.make(
+                Code.TRUNCATED, f"CONFIGURATION capabilities subsection claims "
+                f"{parsed.count} capabilities, more than the {g.MAX_CONFIG_CAPABILITIES} "
+                "this decoder accepts", rb.absolute(parsed.count_at), length=4,
+                section="configuration",
+                fields={"element": "CONFIGURATION capabilities", "count": parsed.count,
+                        "limit": g.MAX_CONFIG_CAPABILITIES}))
+            rb.pos = pos
+            machine.enter_resync(rb.absolute(pos) + 1)
+            return None
+        if isinstance(parsed, int):
+            return machine.short(pos - rb.pos + parsed, "CONFIGURATION subsection")
         if parsed is None:
-            return machine.short(pos - rb.pos + 512, "CONFIGURATION subsection")
-        if parsed is False:
             break
         name_sub, pos = parsed
         subsections.append(name_sub)
-    machine.record("configuration", start, rb.absolute(pos),
-                   (("item_type", start, 1), ("length", start + 1, 4),
-                    ("machine_type", start + 5, length)),
-                   machine_type=name, subsections=subsections)
+    _record_configuration(machine, length, name, subsections, subsections_at, pos)
     rb.pos = pos
     return None
 
 
+def _record_configuration(machine: FramingMachine, length: int, machine_type: str,
+                          subsections: list[str], subsections_at: int, end: int) -> None:
+    rb = machine.rb
+    start = machine.item_start
+    spans: tuple[tuple[str, int, int], ...] = (
+        ("item_type", start, 1), ("length", start + 1, 4), ("machine_type", start + 5, length))
+    if subsections:
+        spans += (("subsections", rb.absolute(subsections_at), end - subsections_at),)
+    machine.record(Kind.CONFIGURATION, start, rb.absolute(end), spans,
+                   length=length, machine_type=machine_type, subsections=subsections)
+
+
+@dataclass(frozen=True, slots=True)
+class _TooManyCapabilities:
+    count: int
+    count_at: int  # buffer index of the count
+
+
 def _configuration_subsection(machine: FramingMachine, pos: int
-                              ) -> tuple[str, int] | Literal[False] | None:
-    """(name, end) for a subsection at pos, False if none starts there, None if short."""
+                              ) -> tuple[str, int] | int | _TooManyCapabilities | None:
+    """The subsection at buffer index pos, read with g.ConfigurationSubsection:
+    (idstr, end index); None if no subsection QEMU's vmstate_configuration declares
+    starts there; an int, the bytes from pos needed to tell; or the capability count
+    when it is over g.MAX_CONFIG_CAPABILITIES (checked before the names are walked)."""
     buf = machine.rb.data
-    end = len(buf)
-    if pos >= end:
+    limit = machine.rb.pos + machine.available()
+    if pos >= limit:
+        return 1
+    if buf[pos] != _SUBSECTION_MARKER:
         return None
-    if buf[pos] != g.ItemType.SUBSECTION:
-        return False
-    if pos + 2 > end:
+    data = bytes(buf[pos : min(limit, pos + _MAX_SUBSECTION)])
+    window = io.BytesIO(data)
+    window.seek(1)
+    try:
+        head = g.SubsectionHeader.parse_stream(window)
+    except ConstructError:
+        return len(data) + 1
+    if head.idstr not in g.ConfigurationSubsectionBody:
         return None
-    head_end = pos + 2 + buf[pos + 1] + 4
-    if head_end > end:
-        return None
-    head = g.SubsectionHeader.parse(bytes(buf[pos + 1 : head_end]))
-    body = head_end
-    if head.idstr == "configuration/target-page-bits":
-        body += 4
-    elif head.idstr == "configuration/uuid":
-        body += 16
-    elif head.idstr == "configuration/capabilities":
-        if body + 4 > end:
-            return None
-        count = _BE32.unpack_from(buf, body)[0]
-        body += 4
-        for _ in range(min(count, 64)):
-            if body >= end:
-                return None
-            body += 1 + buf[body]
-    else:
-        return False
-    if body > end:
-        return None
-    return head.idstr, body
+    if head.idstr == g.CONFIG_CAPABILITIES:
+        count_at = window.tell()
+        if len(data) < count_at + _CAPABILITY_COUNT.size:
+            return count_at + _CAPABILITY_COUNT.size
+        (count,) = _CAPABILITY_COUNT.unpack_from(data, count_at)
+        if count > g.MAX_CONFIG_CAPABILITIES:
+            return _TooManyCapabilities(count, pos + count_at)
+    window.seek(0)
+    try:
+        g.ConfigurationSubsection.parse_stream(window)
+    except ConstructError:
+        return len(data) + 1
+    return head.idstr, pos + window.tell()
 
 
 def read_section_header_full(machine: FramingMachine) -> NeedMore | None:
@@ -170,7 +212,7 @@ def read_section_header_full(machine: FramingMachine) -> NeedMore | None:
     machine.sections[head.section_id] = section
     machine.current = section
     start = machine.item_start
-    kind = "section-start" if item_type == _SECTION_START else "section-full"
+    kind = Kind.SECTION_START if item_type == _SECTION_START else Kind.SECTION_FULL
     at = start + 6 + name_len
     machine.record(kind, start, start + size,
                    (("item_type", start, 1), ("section_id", start + 1, 4),
@@ -202,14 +244,14 @@ def read_section_header_short(machine: FramingMachine) -> NeedMore | None:
             assert isinstance(guessed, Section)
             machine.learn_section(guessed, machine.item_start)
             section = guessed
-    kind = "section-part" if item_type == _SECTION_PART else "section-end"
+    kind = Kind.SECTION_PART if item_type == _SECTION_PART else Kind.SECTION_END
     start = machine.item_start
     spans = (("item_type", start, 1), ("section_id", start + 1, 4))
     if section is None:
         machine.current = None
         machine.record(kind, start, start + 5, spans, section_id=section_id)
         machine.emit(findings.make(
-            "unknown-section", f"{kind} for section id {section_id}, never started",
+            Code.UNKNOWN_SECTION, f"{kind} for section id {section_id}, never started",
             start, length=5, fields={"section_id": section_id}))
         rb.pos += 5
         machine.enter_resync(rb.offset)
@@ -228,12 +270,12 @@ def read_stray_footer(machine: FramingMachine) -> NeedMore | None:
         return machine.short(5, "a section footer")
     rb = machine.rb
     start = machine.item_start
-    section_id = _BE32.unpack_from(rb.data, rb.pos + 1)[0]
-    machine.record("footer", start, start + 5,
+    (section_id,) = _FOOTER.unpack_from(rb.data, rb.pos + 1)
+    machine.record(Kind.FOOTER, start, start + 5,
                    (("item_type", start, 1), ("section_id", start + 1, 4)),
                    section_id=section_id)
     machine.emit(findings.make(
-        "footer-mismatch", f"section footer for id {section_id} outside any section",
+        Code.FOOTER_MISMATCH, f"section footer for id {section_id} outside any section",
         start, length=5, fields={"footer_section_id": section_id}))
     rb.pos += 5
     return None
@@ -261,19 +303,19 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
     end = start + size
     if command == g.Command.PACKAGED:
         if length != 4:
-            machine.record("command", start, end, spans, **fields)
+            machine.record(Kind.COMMAND, start, end, spans, **fields)
             machine.emit(findings.make(
-                "bad-command", f"PACKAGED with a {length}-byte argument, not 4",
+                Code.BAD_COMMAND, f"PACKAGED with a {length}-byte argument, not 4",
                 start, length=size,
                 fields={"command": name, "length": length, "expected": 4}))
             return None
         inner = g.PackagedLength.parse(body.data)
         fields["packaged_length"] = inner
-        machine.record("command", start, end, (*spans, ("packaged_length", start + 5, 4)),
+        machine.record(Kind.COMMAND, start, end, (*spans, ("packaged_length", start + 5, 4)),
                        **fields)
         if inner > g.MAX_PACKAGED_SIZE or machine.depth:
             machine.emit(findings.make(
-                "bad-packaged",
+                Code.BAD_PACKAGED,
                 f"PACKAGED of {inner} bytes (QEMU accepts at most {g.MAX_PACKAGED_SIZE}, "
                 "not nested)", start, length=size,
                 fields={"packaged_length": inner, "limit": g.MAX_PACKAGED_SIZE,
@@ -286,11 +328,13 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
     if command == g.Command.PING and length == 4:
         fields["value"] = g.PingValue.parse(body.data)
         spans += (("value", start + 5, 4),)
-    elif command == g.Command.POSTCOPY_ADVISE and length == 16:
-        fields["remote_pagesize_summary"] = int.from_bytes(body.data[:8], "big")
-        fields["target_page_size"] = int.from_bytes(body.data[8:], "big")
-        spans += (("remote_pagesize_summary", start + 5, 8),
-                  ("target_page_size", start + 13, 8))
+    elif command == g.Command.POSTCOPY_ADVISE and length == _ADVISE.size:
+        summary, target_page_size = _ADVISE.unpack(body.data)
+        fields["remote_pagesize_summary"] = summary
+        fields["target_page_size"] = target_page_size
+        half = _ADVISE.size // 2  # two be64 fields
+        spans += (("remote_pagesize_summary", start + 5, half),
+                  ("target_page_size", start + 5 + half, half))
     elif command == g.Command.POSTCOPY_LISTEN:
         machine.phase("postcopy-listen", start)
     elif command == g.Command.POSTCOPY_RUN:
@@ -300,7 +344,7 @@ def read_command(machine: FramingMachine) -> NeedMore | None:
         if command in g.Command.__members__.values():
             fields["data"] = body.data.hex()
             spans += (("data", start + 5, length),)
-    machine.record("command", start, end, spans, **fields)
+    machine.record(Kind.COMMAND, start, end, spans, **fields)
     return None
 
 

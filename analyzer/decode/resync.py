@@ -15,20 +15,22 @@ from typing import TYPE_CHECKING
 
 from migshark.analyzer import findings
 from migshark.analyzer.decode.state import Section
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
 
 if TYPE_CHECKING:  # annotations only: framing imports this module
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore
 
-_BE32 = struct.Struct(">I")
-_BE16 = struct.Struct(">H")
-_INSTANCE_VERSION = struct.Struct(">II")
+_SECTION_ID = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
+_COMMAND_NUMBER = struct.Struct(">" + g.field_format(g.CommandHeader, "command"))
+_INSTANCE_VERSION = struct.Struct(">" + g.field_format(g.SectionHeaderFull, "instance_id",
+                                                       "version_id"))
 _EOF, _VMDESCRIPTION = int(g.ItemType.EOF), int(g.ItemType.VMDESCRIPTION)
 _PART, _END = int(g.ItemType.SECTION_PART), int(g.ItemType.SECTION_END)
 _FULL, _START = int(g.ItemType.SECTION_FULL), int(g.ItemType.SECTION_START)
 _COMMAND = int(g.ItemType.COMMAND)
 _CANDIDATE_TYPES = frozenset((_PART, _END, _FULL, _START, _EOF))
-_BE64 = struct.Struct(">Q")
+_RAM_HEADER = struct.Struct(g.RamRecordHeader.fmtstr)
 _FOOTER = int(g.ItemType.SECTION_FOOTER)
 _RAM_EOS = int(g.RamFlag.EOS)
 _RAM_PAGE_OR_ZERO = int(g.RamFlag.PAGE | g.RamFlag.ZERO)
@@ -75,20 +77,20 @@ def plausible_next_item(machine: FramingMachine, pos: int, limit: int) -> bool |
     if item in (_PART, _END):
         if pos + 5 > limit:
             return None
-        return _BE32.unpack_from(buf, pos + 1)[0] in machine.sections
+        return _SECTION_ID.unpack_from(buf, pos + 1)[0] in machine.sections
     if item in (_FULL, _START):
         return plausible_name_at(buf, pos + 5, limit)
     if item == _COMMAND:
         if pos + 3 > limit:
             return None
-        return 0 < _BE16.unpack_from(buf, pos + 1)[0] <= 32
+        return 0 < _COMMAND_NUMBER.unpack_from(buf, pos + 1)[0] <= 32
     return False
 
 
 def _footer_at(buf: bytes | bytearray, pos: int, limit: int, section_id: int) -> bool | None:
     if pos + 5 > limit:
         return None
-    return buf[pos] == _FOOTER and _BE32.unpack_from(buf, pos + 1)[0] == section_id
+    return buf[pos] == _FOOTER and _SECTION_ID.unpack_from(buf, pos + 1)[0] == section_id
 
 
 def _dirty_bitmap_payload(buf: bytes | bytearray, pos: int, limit: int,
@@ -115,7 +117,7 @@ def _ram_payload(buf: bytes | bytearray, pos: int, limit: int, section_id: int,
     or a page that names its RAM block (a CONTINUE page needs a block it cannot say)."""
     if pos + 8 > limit:
         return None
-    header = _BE64.unpack_from(buf, pos)[0]
+    header = _RAM_HEADER.unpack_from(buf, pos)[0]
     if header == _RAM_EOS:
         return _footer_at(buf, pos + 8, limit, section_id)
     flags = header & page_mask
@@ -132,7 +134,7 @@ def guess_section(machine: FramingMachine, pos: int, limit: int) -> Section | bo
     buf = machine.rb.data
     if pos + 5 > limit:
         return None
-    section_id = _BE32.unpack_from(buf, pos + 1)[0]
+    section_id = _SECTION_ID.unpack_from(buf, pos + 1)[0]
     if section_id >= _MAX_GUESSED_SECTION_ID:
         return False
     verdict = _dirty_bitmap_payload(buf, pos + 5, limit, section_id)
@@ -169,7 +171,7 @@ def find_migration_records(data: bytes | bytearray | memoryview, page_mask: int 
     limit = len(buf)
     for match in _MIGRATION_RECORDS.finditer(buf):
         pos = match.start()
-        section_id = _BE32.unpack_from(buf, pos + 1)[0]
+        section_id = _SECTION_ID.unpack_from(buf, pos + 1)[0]
         if (_dirty_bitmap_payload(buf, pos + 5, limit, section_id)
                 or _ram_payload(buf, pos + 5, limit, section_id, page_mask)):
             return pos
@@ -203,7 +205,7 @@ class Resynchroniser:
                 found = rb.absolute(pos)
                 skipped = found - (self.resync_from or 0)
                 self.machine.emit(findings.make(
-                    "resynchronised",
+                    Code.RESYNCHRONISED,
                     f"skipped {skipped} bytes from {self.resync_from:#x} to the next "
                     f"recognisable item at {found:#x}", self.resync_from or 0,
                     length=skipped, fields={"skipped": skipped, "resumed_at": found}))
@@ -220,11 +222,11 @@ class Resynchroniser:
         skipped = end - (self.resync_from if self.resync_from is not None else end)
         if skipped:
             self.machine.emit(findings.make(
-                "resynchronised",
+                Code.RESYNCHRONISED,
                 f"skipped {skipped} bytes to the end of data without finding an item",
                 end - skipped, length=skipped, fields={"skipped": skipped, "resumed_at": None}))
         self.machine.emit(findings.make(
-            "truncated", "the stream ended while resynchronising, before EOF", end,
+            Code.TRUNCATED, "the stream ended while resynchronising, before EOF", end,
             fields={"element": None}))
 
     def _candidate(self, pos: int, end: int) -> bool | None:
@@ -248,7 +250,7 @@ class Resynchroniser:
             return instance < 4096 and version < 4096
         if pos + 5 > end:
             return None
-        section = self.machine.sections.get(_BE32.unpack_from(buf, pos + 1)[0])
+        section = self.machine.sections.get(_SECTION_ID.unpack_from(buf, pos + 1)[0])
         if section is None:
             if not self.machine.learning:
                 return False

@@ -13,6 +13,7 @@ from typing import Any
 from migshark.analyzer import findings
 from migshark.analyzer.decode.framing import FramingMachine, State
 from migshark.analyzer.decode.sections.ram import RamDissector
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event
 from migshark.dissectors import grammar as g
 
@@ -124,14 +125,14 @@ class StreamDecoder(FramingMachine):
             if not rb.skip:
                 self._release_deferred()
             self.emit(findings.make(
-                "capture-gap",
+                Code.CAPTURE_GAP,
                 f"{length} bytes missing from the capture at {gap_start:#x}; they fell "
                 f"inside skipped data, decoding continues exactly",
                 gap_start, length=length, section=self.section_name(),
                 fields={"length": length, "inside_skipped_data": True}))
             return self._drain()
         self.emit(findings.make(
-            "capture-gap",
+            Code.CAPTURE_GAP,
             f"{length} bytes missing from the capture at {gap_start:#x}; "
             "resynchronising on the next recognisable item",
             gap_start, length=length, section=self.section_name(),
@@ -164,17 +165,17 @@ class StreamDecoder(FramingMachine):
         elif state is State.ITEM and remaining == 0 and rb.skip == 0:
             if self.depth:
                 self.emit(findings.make(
-                    "truncated", "the data ended inside a PACKAGED command", end,
+                    Code.TRUNCATED, "the data ended inside a PACKAGED command", end,
                     fields={"element": "PACKAGED"}))
             else:
                 self.emit(findings.make(
-                    "truncated", "the stream ended between items, before EOF", end,
+                    Code.TRUNCATED, "the stream ended between items, before EOF", end,
                     section=self.section_name(), fields={"element": None}))
         else:
             start = rb.record_start()
             what = self._state_description()
             self.emit(findings.make(
-                "truncated",
+                Code.TRUNCATED,
                 f"the data ended inside {what} that starts at {start:#x} "
                 f"({end - start} of its bytes present)",
                 start, length=end - start, section=self.section_name(),

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from migshark.analyzer import findings
 from migshark.analyzer.decode.resync import plausible_next_item
 from migshark.analyzer.decode.sections.base import SectionDissector, register_fallback
+from migshark.analyzer.findings import Code
 from migshark.analyzer.vmstate import (
     VmstateIncomplete,
     VmstateInvalid,
@@ -23,12 +24,13 @@ from migshark.analyzer.vmstate import (
     walk_device,
 )
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
 
 MAX_DEVICE_SECTION = 64 << 20
-_BE32 = struct.Struct(">I")
+_FOOTER = struct.Struct(">" + g.fixed_format(g.SectionFooter))
 _FOOTER_BYTE = bytes([g.ItemType.SECTION_FOOTER])
 
 
@@ -63,18 +65,18 @@ class DeviceDissector(SectionDissector):
                     return machine.short(short.needed - start_pos, self.description)
                 except VmstateInvalid as bad:
                     machine.emit(findings.make(
-                        "vmdesc-mismatch", f"{section.idstr}: {bad}", rb.absolute(start_pos),
+                        Code.VMDESC_MISMATCH, f"{section.idstr}: {bad}", rb.absolute(start_pos),
                         section=section.idstr,
                         fields={"idstr": section.idstr, "instance_id": section.instance_id,
                                 "reason": str(bad)}))
                 else:
-                    machine.record("device-state", rb.absolute(start_pos), rb.absolute(end),
+                    machine.record(Kind.DEVICE_STATE, rb.absolute(start_pos), rb.absolute(end),
                                    method="vmdesc", idstr=section.idstr,
                                    instance_id=section.instance_id, size=end - start_pos)
                     rb.pos = end
                     machine.end_payload()
                     return None
-        marker = _FOOTER_BYTE + _BE32.pack(section.section_id)
+        marker = _FOOTER_BYTE + _FOOTER.pack(section.section_id)
         scan = max(self.scan_from - rb.base, start_pos)
         while True:
             found = buf.find(marker, scan, limit)
@@ -82,7 +84,7 @@ class DeviceDissector(SectionDissector):
                 self.scan_from = rb.absolute(max(start_pos, limit - 4))
                 if limit - start_pos > MAX_DEVICE_SECTION:
                     machine.emit(findings.make(
-                        "footer-mismatch", f"no footer within {MAX_DEVICE_SECTION} bytes of "
+                        Code.FOOTER_MISMATCH, f"no footer within {MAX_DEVICE_SECTION} bytes of "
                         f"device section {section.idstr}", rb.absolute(start_pos),
                         section=section.idstr,
                         fields={"section_id": section.section_id,
@@ -98,7 +100,7 @@ class DeviceDissector(SectionDissector):
                 break
             scan = found + 1
         size = found - start_pos
-        machine.record("device-state", rb.absolute(start_pos), rb.absolute(found),
+        machine.record(Kind.DEVICE_STATE, rb.absolute(start_pos), rb.absolute(found),
                        method="footer", idstr=section.idstr, instance_id=section.instance_id,
                        size=size)
         if sum(len(p) for _, p, _ in self.retained) + size <= MAX_DEVICE_SECTION:
@@ -118,7 +120,7 @@ class DeviceDissector(SectionDissector):
                 end = walk_device(device, payload, 0, len(payload))
             except (VmstateIncomplete, VmstateInvalid) as bad:
                 self.machine.emit(findings.make(
-                    "vmdesc-mismatch", f"{section.idstr}: VMDESCRIPTION does not describe the "
+                    Code.VMDESC_MISMATCH, f"{section.idstr}: VMDESCRIPTION does not describe the "
                     f"{len(payload)} bytes found between its header and footer ({bad})",
                     offset, section=section.idstr,
                     fields={"idstr": section.idstr, "instance_id": section.instance_id,
@@ -126,7 +128,7 @@ class DeviceDissector(SectionDissector):
                 continue
             if end != len(payload):
                 self.machine.emit(findings.make(
-                    "vmdesc-mismatch", f"{section.idstr}: VMDESCRIPTION describes {end} "
+                    Code.VMDESC_MISMATCH, f"{section.idstr}: VMDESCRIPTION describes {end} "
                     f"bytes, the footer came after {len(payload)}", offset,
                     section=section.idstr,
                     fields={"idstr": section.idstr, "instance_id": section.instance_id,

@@ -31,7 +31,9 @@ from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
 from migshark.analyzer.decode.resync import printable
 from migshark.analyzer.decode.sections.base import SectionDissector, register
+from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import bitmap_kind
 
 if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
@@ -49,8 +51,9 @@ _BF_ZEROES, _BF_EOS = int(g.BitmapFlag.ZEROES), int(g.BitmapFlag.EOS)
 _BF_EXTRA = int(g.BitmapFlag.EXTRA_FLAGS)
 _KIND_START, _KIND_COMPLETE = int(g.RecordKind.START), int(g.RecordKind.COMPLETE)
 _KIND_BITS = int(g.RecordKind.BITS)
-_KIND_NAMES = {kind.value: "bitmap-" + kind.label for kind in g.RecordKind}
-_BE32 = struct.Struct(">I")
+_KIND_NAMES = {kind.value: bitmap_kind(kind) for kind in g.RecordKind}
+# PART, END and the footer all carry just a section id after the type byte.
+_SECTION_ID = struct.Struct(">" + g.fixed_format(g.SectionHeaderShort))
 _FOOTER, _PART = int(g.ItemType.SECTION_FOOTER), int(g.ItemType.SECTION_PART)
 _END, _FULL, _EOF = int(g.ItemType.SECTION_END), int(g.ItemType.SECTION_FULL), \
     int(g.ItemType.EOF)
@@ -167,7 +170,7 @@ class DirtyBitmapDissector(SectionDissector):
             g.ItemType.SECTION_START, g.ItemType.SECTION_FULL
         ):
             self.machine.emit(findings.make(
-                "bad-section-version",
+                Code.BAD_SECTION_VERSION,
                 f"dirty-bitmap section version {section.version_id}; QEMU loads only "
                 f"version {g.DIRTY_BITMAP_SECTION_VERSION}",
                 self.machine.item_start, section=section.idstr,
@@ -178,7 +181,7 @@ class DirtyBitmapDissector(SectionDissector):
     def ended_inside(self, end: int) -> None:
         if not self.saw_eos:
             self.machine.emit(findings.make(
-                "missing-eos",
+                Code.MISSING_EOS,
                 "the dirty-bitmap section payload ended (end of data) without an EOS "
                 "record", end, section=_IDSTR, fields={"ended_at": "end of data"}))
 
@@ -256,7 +259,7 @@ class DirtyBitmapDissector(SectionDissector):
         if buffer_size > MAX_SKIPPED_BITMAP_BUFFER:
             start = self.rb.offset
             self.machine.emit(findings.make(
-                "buffer-too-large",
+                Code.BUFFER_TOO_LARGE,
                 f"BITS buffer size {buffer_size} (QEMU refuses more than "
                 f"{g.BITMAP_MAX_BUFFER_SIZE}); the length is not believable, "
                 "resynchronising", start, section=_IDSTR, node=self.node,
@@ -327,7 +330,7 @@ class DirtyBitmapDissector(SectionDissector):
             record.fields["buffer"] = buffer
         if width > 1:
             machine.emit(findings.make(
-                "multibyte-flags",
+                Code.MULTIBYTE_FLAGS,
                 f"flags written in {width} bytes (wire value "
                 f"{flag_field['wire_value']:#x}); a QEMU destination keeps only the last byte "
                 f"and acts on {flags:#04x} ({'|'.join(_flag_names(flags)) or 'none'})",
@@ -336,11 +339,11 @@ class DirtyBitmapDissector(SectionDissector):
                         "flags": flags}))
         if flags & _BF_EXTRA:
             machine.emit(findings.make(
-                "unknown-flags", f"the last flags byte {flags:#04x} has bit 0x80 set, which "
+                Code.UNKNOWN_FLAGS, f"the last flags byte {flags:#04x} has bit 0x80 set, which "
                 "means nothing there", start, section=_IDSTR, fields={"flags": flags}))
         if buffer_size is not None and buffer_size > g.BITMAP_MAX_BUFFER_SIZE:
             machine.emit(findings.make(
-                "buffer-too-large",
+                Code.BUFFER_TOO_LARGE,
                 f"BITS buffer of {buffer_size} bytes; QEMU refuses more than "
                 f"{g.BITMAP_MAX_BUFFER_SIZE} ('Bitmap migration stream buffer allocation "
                 "request is too large')", start, length=length, section=_IDSTR,
@@ -387,7 +390,7 @@ class DirtyBitmapDissector(SectionDissector):
             if short(5):
                 return 5
             if pos + 5 <= limit:
-                section_id = _BE32.unpack_from(buf, pos + 1)[0]
+                (section_id,) = _SECTION_ID.unpack_from(buf, pos + 1)
                 if first == _FOOTER:
                     looks_like_next = section_id == section.section_id
                 else:
@@ -409,7 +412,7 @@ class DirtyBitmapDissector(SectionDissector):
             return None
         at_footer = first == _FOOTER
         machine.emit(findings.make(
-            "missing-eos", "the dirty-bitmap section payload ended (at "
+            Code.MISSING_EOS, "the dirty-bitmap section payload ended (at "
             f"{'its footer' if at_footer else 'the next item'}) "
             "without an EOS record", rb.absolute(pos), section=section.idstr,
             fields={"ended_at": "footer" if at_footer else "next item"}))

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 from migshark.analyzer import findings, speedups
 from migshark.analyzer.decode.resync import plausible_name_at
 from migshark.analyzer.decode.sections.base import SectionDissector, register
+from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Record
 from migshark.dissectors import grammar as g
+from migshark.dissectors.registry import Kind
 
 if TYPE_CHECKING:
     from migshark.analyzer.decode.framing import FramingMachine, NeedMore, Section
@@ -82,7 +84,7 @@ class RamDissector(SectionDissector):
             current = machine.current
             # Not machine.record(): the run may be flushed after its section ended.
             machine.emit(Record(
-                run.start, end - run.start, "ram-pages", _IDSTR,
+                run.start, end - run.start, Kind.RAM_PAGES, _IDSTR,
                 current.section_id if current else None,
                 {"pages": run.pages, "zero_pages": run.zero_pages,
                  "other_records": run.other, "page_bytes": run.data_bytes},
@@ -132,7 +134,7 @@ class RamDissector(SectionDissector):
                         rb.pos = pos
                         if end > limit and machine.hits_package_end(end - pos):
                             return machine.short(end - pos, "a RAM page")
-                        machine.record("ram-page", rb.absolute(pos), rb.absolute(end),
+                        machine.record(Kind.RAM_PAGE, rb.absolute(pos), rb.absolute(end),
                                        addr=header & ~mask, block=self.block)
                     if run is not None:
                         run.pages += 1
@@ -153,7 +155,7 @@ class RamDissector(SectionDissector):
                         return machine.short(body - pos + 1, "a RAM record")
                     if detail:
                         rb.pos = pos
-                        machine.record("ram-zero", rb.absolute(pos), rb.absolute(body + 1),
+                        machine.record(Kind.RAM_ZERO, rb.absolute(pos), rb.absolute(body + 1),
                                        addr=header & ~mask, block=self.block, fill=buf[body])
                     if run is not None:
                         run.zero_pages += 1
@@ -239,7 +241,7 @@ class RamDissector(SectionDissector):
     def _error(self, pos: int, message: str, flags: int, **data: Any) -> None:
         start = self.rb.absolute(pos)
         self._flush_run(start)
-        self.machine.emit(findings.make("unknown-flags", message, start, section=_IDSTR,
+        self.machine.emit(findings.make(Code.UNKNOWN_FLAGS, message, start, section=_IDSTR,
                                         fields={"ram_flags": flags, **data}))
         self.machine.enter_resync(start)
 
@@ -259,16 +261,16 @@ class RamDissector(SectionDissector):
             return self._read_mem_size(addr, flags)
         if flags & _EOS:
             self._flush_run(start)
-            machine.record("ram-eos", start, start + 8)
+            machine.record(Kind.RAM_EOS, start, start + 8)
             rb.pos += 8
             machine.end_payload()
             return None
         if flags & _MULTIFD_FLUSH:
-            machine.record("ram-multifd-flush", start, start + 8)
+            machine.record(Kind.RAM_MULTIFD_FLUSH, start, start + 8)
             rb.pos += 8
             return None
         if flags & _HOOK:
-            machine.record("ram-hook", start, start + 8)
+            machine.record(Kind.RAM_HOOK, start, start + 8)
             rb.pos += 8
             return None
         body = pos + 8
@@ -285,10 +287,10 @@ class RamDissector(SectionDissector):
             return machine.short(body - pos + head_size, "a RAM record")
         if flags & _XBZRLE:
             head = g.RamXbzrleHeader.parse(bytes(buf[body : body + 3]))
-            kind, data_len = "ram-xbzrle", head.length
+            kind, data_len = Kind.RAM_XBZRLE, head.length
         else:
             head = g.RamCompressedHeader.parse(bytes(buf[body : body + 4]))
-            kind, data_len = "ram-compressed", head.length
+            kind, data_len = Kind.RAM_COMPRESSED, head.length
             if data_len > 2 * machine.page_size + 64:
                 self._error(pos, f"compressed RAM page of {data_len} bytes", flags,
                             data_length=data_len, limit=2 * machine.page_size + 64)
@@ -347,7 +349,7 @@ class RamDissector(SectionDissector):
                 break
             remaining -= entry.used_length
         start = rb.absolute(record_pos)
-        machine.record("ram-mem-size", start, rb.absolute(pos), total_bytes=total,
+        machine.record(Kind.RAM_MEM_SIZE, start, rb.absolute(pos), total_bytes=total,
                        blocks=blocks)
         rb.pos = pos
         if flags & _EOS:
