@@ -39,10 +39,11 @@ from migshark.analyzer.capture import (
 from migshark.analyzer.records import Event, Finding, Severity
 from migshark.analyzer.returnpath import ReturnPathDecoder
 from migshark.dissectors.grammar import QEVM_MAGIC
+from migshark.dissectors.multifd import MULTIFD_MAGIC_BYTES, is_multifd_channel
 
-MULTIFD_MAGIC = 0x11223344  # wire: moves to dissectors/multifd.py
-MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
-MAGIC_LENGTH = 4
+# Both magics ("QEVM", multifd's 0x11223344) are four bytes: that many tell the kinds apart.
+MAGIC_LENGTH = len(QEVM_MAGIC)
+assert len(MULTIFD_MAGIC_BYTES) == MAGIC_LENGTH
 
 
 class Direction(StrEnum):
@@ -70,7 +71,7 @@ def classify(head: bytes | bytearray) -> ConnectionKind | None:
     magic = bytes(head[:MAGIC_LENGTH])
     if magic == QEVM_MAGIC:
         return ConnectionKind.MIGRATION
-    if magic == MULTIFD_MAGIC_BYTES:
+    if is_multifd_channel(magic):
         return ConnectionKind.MULTIFD
     return ConnectionKind.UNKNOWN
 

@@ -7,7 +7,8 @@ it is shown. Nothing here decodes or does I/O of its own beyond the stream it is
 the callers choose where text goes.
 
 Import cost matters: `dump` and the TUI call format_event_line once per event, and every
-command imports this module at start-up, so it depends on records only.
+command imports this module at start-up, so it depends on records and the field
+registry (which every decoding command loads anyway) only.
 """
 
 from __future__ import annotations
@@ -16,17 +17,11 @@ import json
 from typing import TYPE_CHECKING, Any, TextIO
 
 from migshark.analyzer.records import Event, Finding, Record
+from migshark.dissectors.registry import FieldView, describe, kind_info
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import AnalysisResult, MigrationStream
     from migshark.analyzer.connections import Connection
-
-# The fields a one-line record summary shows, in this order: enough to follow a stream
-# by eye; -V shows the rest.
-_KEY_FIELDS = ("idstr", "section_id", "machine_type", "command", "packaged_length",
-               "granularity", "bitmap_flags", "first_sector", "sector_count", "zeroes",
-               "buffer_size", "pages", "zero_pages", "total_bytes", "method", "size",
-               "devices", "addr", "block")
 
 # Shown as one line each in the text summary; every other section is device state.
 _MAIN_SECTIONS = ("ram", "dirty-bitmap", "(framing)")
@@ -35,8 +30,11 @@ _MAIN_SECTIONS = ("ram", "dirty-bitmap", "(framing)")
 # --- one event ---------------------------------------------------------------------
 
 def record_info(record: Record) -> str:
+    """The one-line summary of a record: its kind's summary fields (the registry's)."""
+    info = kind_info(record.kind)
     parts = []
-    for key in _KEY_FIELDS:
+    for field_info in info.summary if info else ():
+        key = field_info.key
         if key in record.fields:
             value = record.fields[key]
             if key == "bitmap_flags" and isinstance(value, int):
@@ -60,16 +58,29 @@ def format_event_line(number: int, event: Event) -> str:
 
 
 def format_record_detail(record: Record) -> list[str]:
-    lines = [f"offset: {record.offset} ({record.offset:#x}), length: {record.length}",
+    """`dump -V`: every field of a record as the registry describes it, with its bytes.
+
+    A generated field (derived or inherited, no bytes of its own) is in brackets, as
+    Wireshark shows them."""
+    lines = [f"offset: {record.offset:#x}, length: {record.length}",
              f"section: {record.section} (id {record.section_id})"]
     if record.bitmap:
         lines.append(f"bitmap: node={record.node} name={record.bitmap}")
-    for key, value in record.fields.items():
-        if isinstance(value, bytes):
-            shown = value[:32].hex() + ("..." if len(value) > 32 else "")
-            value = f"{len(value)} bytes: {shown}"
-        lines.append(f"{key}: {value}")
+    lines += [format_field_view(view) for view in describe(record)]
     return lines
+
+
+def format_field_view(view: FieldView) -> str:
+    info = view.info
+    text = view.text
+    if isinstance(view.value, (bytes, bytearray)):
+        text += ": " + view.value[:32].hex() + ("..." if len(view.value) > 32 else "")
+    label = f"{view.name or info.label} ({info.filter_name})" if view.registered else view.label
+    where = f"@{view.offset:#x}+{view.length}" if view.exact else "(whole record)"
+    line = f"{label}: {text}  {where}"
+    if view.generated:
+        line = f"[{label}: {text}]"
+    return ("  " if info.bitmask else "") + line
 
 
 class DumpPrinter:

@@ -68,7 +68,9 @@ def test_dump_lines_and_verbose(tmp_path):
     assert len(starts) == 2 and "drive0/inc0" in starts[0] and "granularity=65536" in starts[0]
     assert any("section-end" in line and "dirty-bitmap" in line for line in lines)
     verbose = run_cli("dump", "-V", str(path)).stdout
-    assert "first_sector: 0" in verbose and "buffer_size: 1024" in verbose
+    # every field through the registry: label, filter name, value, its bytes
+    assert re.search(r"Start sector \(bitmap\.start_sector\): 0  @0x[0-9a-f]+\+8", verbose)
+    assert re.search(r"Buffer size \(bitmap\.buffer_size\): 1024  @0x[0-9a-f]+\+\d+", verbose)
     detail = run_cli("dump", "--ram-detail", str(path)).stdout
     assert detail.count("ram-page ") == 4 and detail.count("ram-zero ") == 2
     assert "ram-pages" not in detail
@@ -107,7 +109,7 @@ def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path: Path
     lines = out.getvalue().splitlines()
     # -V detail lines are indented field names; event lines start with a number or,
     # for findings, with blanks where the number would be
-    detail = [line for line in lines if re.match(r"    [a-z_]", line)]
+    detail = [line for line in lines if re.match(r" {4}(?: {2})?[A-Za-z\[]", line)]
     events = [line for line in lines if line not in detail]
     assert detail and all(": " in line for line in detail)
     numbers = [int(line.split()[0]) for line in events if re.match(r" {0,5}\d", line)]
@@ -121,9 +123,10 @@ def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path: Path
 
 def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
     from migshark.analyzer.analysis import AnalysisOptions
-    from migshark.analyzer.connections import BACKWARD, FORWARD, MULTIFD_MAGIC_BYTES, Connection
+    from migshark.analyzer.connections import BACKWARD, FORWARD, Connection
     from migshark.analyzer.report import format_connection_closed, format_connection_report
     from migshark.analyzer.returnpath import ReturnPathMessage, build_message
+    from migshark.dissectors.multifd import MULTIFD_MAGIC_BYTES
 
     shut = build_message(ReturnPathMessage.SHUT, b"\0\0\0\0")
     main = Connection("connection 1", AnalysisOptions(), claim=True)
