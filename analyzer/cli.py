@@ -10,7 +10,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # records is small; everything heavier is imported by the handler that uses it, so that
@@ -98,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print every field of each record")
     dump.add_argument("--ram-detail", action="store_true",
                       help="one record per RAM page instead of one per section payload")
+    dump.add_argument("-Y", "--display-filter", metavar="FILTER", default=None,
+                      help="show only records matching FILTER (the TUI's display filter, "
+                           "e.g. 'kind == BITS and bitmap.granularity > 512'); records "
+                           "keep their numbers")
+    dump.add_argument("-c", "--count", metavar="N", type=_positive, default=None,
+                      help="stop after showing N records")
+    dump.add_argument("--json", action="store_true",
+                      help="one JSON object per line for each record and finding "
+                           "(docs/json.md)")
+    dump.add_argument("-T", dest="output_format", choices=["text", "fields"], default="text",
+                      help="fields: one line per record of the -e fields, tab-separated")
+    dump.add_argument("-e", dest="fields", action="append", default=[], metavar="FIELD",
+                      help="with -T fields: a registry filter name (bitmap.granularity) or "
+                           "one of no, offset, length, kind, section, node, bitmap, stream "
+                           "(repeatable)")
     dump.set_defaults(handler=cmd_dump, batch=True)
 
     tui = sub.add_parser("tui", help="browse records, bitmaps and findings in a terminal UI")
@@ -269,13 +284,61 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from migshark.analyzer.analysis import analyze_path
-    from migshark.analyzer.report import DumpPrinter
+    from migshark.analyzer.report import DumpLimitReached, DumpPrinter, DumpStyle
 
-    printer = DumpPrinter(sys.stdout, args.verbose)
-    result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
-                                              keep_buffers=True), printer)
+    style = DumpStyle.JSON if args.json else DumpStyle(args.output_format)
+    columns = _dump_columns(style, args.fields)
+    printer = DumpPrinter(sys.stdout, args.verbose, style=style, limit=args.count,
+                          select=_display_filter(args.display_filter), columns=columns)
+    try:
+        result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
+                                                  keep_buffers=True), printer)
+    except DumpLimitReached:
+        return EXIT_OK
     printer.input_findings(result)
     return exit_code(result)
+
+
+def _dump_columns(style: Any, names: list[str]) -> list[str]:
+    from migshark.analyzer.analysis import InputError
+    from migshark.analyzer.report import RECORD_COLUMNS, DumpStyle
+    from migshark.dissectors.registry import lookup
+
+    if style is not DumpStyle.FIELDS:
+        if names:
+            raise InputError("-e FIELD needs -T fields")
+        return []
+    if not names:
+        raise InputError("-T fields needs at least one -e FIELD")
+    unknown = [name for name in names if name not in RECORD_COLUMNS and lookup(name) is None]
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r} for -e (a registry filter name such "
+                         f"as bitmap.granularity, or one of {', '.join(RECORD_COLUMNS)})")
+    return names
+
+
+def _display_filter(text: str | None) -> Callable[[int, Any], bool] | None:
+    """-Y: the TUI's display filter language (one implementation), applied to dump's rows."""
+    if text is None:
+        return None
+    from migshark.analyzer.analysis import InputError
+    from migshark.tui.filter import FilterError, RowView, parse_filter
+
+    try:
+        predicate = parse_filter(text)
+    except FilterError as error:
+        raise InputError(f"bad display filter at column {error.position + 1}: {error}") from None
+    if predicate is None:
+        return None
+    # A finding reaches dump after its record: a record's own severity is not known yet.
+    return lambda number, record: predicate(RowView(number, record, None))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 if __name__ == "__main__":

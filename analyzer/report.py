@@ -14,10 +14,12 @@ registry (which every decoding command loads anyway) only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, TextIO
 
 from migshark.analyzer.records import Event, Finding, Record
-from migshark.dissectors.registry import FieldView, describe, kind_info
+from migshark.dissectors.registry import FieldView, describe, field_value, kind_info, lookup
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import AnalysisResult, MigrationStream
@@ -49,11 +51,11 @@ def record_info(record: Record) -> str:
 
 def format_event_line(number: int, event: Event) -> str:
     if isinstance(event, Finding):
-        return (f"{'':>6} {event.offset:>12}  [{event.severity.label}] {event.code}: "
+        return (f"{'':>6} {event.offset:>#12x}  [{event.severity.label}] {event.code}: "
                 f"{event.message}")
     bitmap = f"{event.node}/{event.bitmap}" if event.bitmap else "-"
     indent = "  " if event.depth else ""
-    return (f"{number:>6} {event.offset:>12}  {event.section or '-':<14} "
+    return (f"{number:>6} {event.offset:>#12x}  {event.section or '-':<14} "
             f"{indent}{event.kind:<16} {bitmap:<24} {record_info(event)}").rstrip()
 
 
@@ -83,28 +85,138 @@ def format_field_view(view: FieldView) -> str:
     return ("  " if info.bitmask else "") + line
 
 
+# The version of every JSON object migshark writes (docs/json.md): bumped when a field
+# changes meaning or goes away; new fields may appear without a bump.
+SCHEMA_VERSION = 2
+
+RecordSelector = Callable[[int, Record], bool]
+
+
+class DumpStyle(StrEnum):
+    TEXT = "text"
+    JSON = "json"  # one JSON object per line (--json)
+    FIELDS = "fields"  # -T fields -e NAME ...: tab-separated values
+
+
+class DumpLimitReached(Exception):
+    """Raised out of the sink once -c N records are out: nothing more is wanted."""
+
+
+# What `-T fields -e` takes besides the registry's filter names: every record's columns.
+RECORD_COLUMNS = ("no", "offset", "length", "kind", "section", "node", "bitmap", "stream")
+
+
+def record_column(number: int, stream: str, record: Record, name: str) -> Any:
+    if name == "no":
+        return number
+    if name == "stream":
+        return stream
+    return getattr(record, name)
+
+
+def field_json_name(view: FieldView) -> str:
+    """A field's key in dump --json: its filter name; an element of a list field keeps
+    its index (ram.blocks[0].idstr)."""
+    if not view.name:
+        return view.info.filter_name
+    return view.info.filter_name.split(".", 1)[0] + "." + view.name
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def record_json(number: int, stream: str, record: Record) -> dict[str, Any]:
+    """One record of dump --json: where it is, what it is and every registered field
+    (value and, for a field with bytes of its own, [offset, length])."""
+    fields: dict[str, Any] = {}
+    ranges: dict[str, list[int]] = {}
+    for view in describe(record):
+        name = field_json_name(view)
+        fields.setdefault(name, _json_value(view.value))
+        if view.exact:
+            ranges.setdefault(name, [view.offset, view.length])
+    return {"schema_version": SCHEMA_VERSION, "type": "record", "number": number,
+            "stream": stream, "offset": record.offset, "length": record.length,
+            "kind": str(record.kind), "section": record.section,
+            "section_id": record.section_id, "node": record.node, "bitmap": record.bitmap,
+            "fields": fields, "ranges": ranges}
+
+
+def finding_json(stream: str | None, finding: Finding) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "type": "finding", "stream": stream,
+            **finding.as_json()}
+
+
 class DumpPrinter:
-    """The `dump` sink: one numbered line per event, with -V every field of a record.
+    """The `dump` sink: one numbered line (or JSON object, or field row) per record.
 
-    Numbering counts events of every stream, in the order the decoder produced them,
-    like tshark's frame numbers."""
+    Records are numbered 1, 2, ... in the order the decoder produced them, over every
+    stream, like tshark's frame numbers and the TUI's No. column; findings are not
+    numbered (the TUI attaches them to records). `select` is -Y's filter: a record it
+    refuses is counted but not shown, and neither are the findings that follow it.
+    `limit` is -c: at most that many records are shown, then DumpLimitReached."""
 
-    def __init__(self, out: TextIO, verbose: bool) -> None:
+    def __init__(self, out: TextIO, verbose: bool = False, *,
+                 style: DumpStyle = DumpStyle.TEXT, select: RecordSelector | None = None,
+                 limit: int | None = None, columns: Sequence[str] = (),
+                 separator: str = "\t") -> None:
         self.out = out
         self.verbose = verbose
+        self.style = style
+        self.select = select
+        self.limit = limit
+        self.separator = separator
+        self.columns = [(name, lookup(name)) for name in columns]
         self.number = 0
+        self.shown = 0
+        self._showing = True  # whether the last record was shown (its findings are)
 
-    def __call__(self, stream: MigrationStream, event: Event) -> None:
+    def __call__(self, stream: MigrationStream | None, event: Event) -> None:
+        name = stream.name if stream is not None else ""
+        if isinstance(event, Finding):
+            if self._showing:
+                self._finding(name, event)
+            return
         self.number += 1
-        self.out.write(format_event_line(self.number, event) + "\n")
-        if self.verbose and isinstance(event, Record):
-            for line in format_record_detail(event):
-                self.out.write("    " + line + "\n")
+        self._showing = self.select is None or self.select(self.number, event)
+        if not self._showing:
+            return
+        if self.limit is not None and self.shown >= self.limit:
+            raise DumpLimitReached
+        self.shown += 1
+        if self.style is DumpStyle.JSON:
+            self.out.write(json.dumps(record_json(self.number, name, event)) + "\n")
+        elif self.style is DumpStyle.FIELDS:
+            self.out.write(self._field_row(name, event) + "\n")
+        else:
+            self.out.write(format_event_line(self.number, event) + "\n")
+            if self.verbose:
+                for line in format_record_detail(event):
+                    self.out.write("    " + line + "\n")
+
+    def _finding(self, stream: str | None, finding: Finding) -> None:
+        if self.style is DumpStyle.JSON:
+            self.out.write(json.dumps(finding_json(stream, finding)) + "\n")
+        elif self.style is DumpStyle.TEXT:
+            self.out.write(format_event_line(0, finding) + "\n")
+
+    def _field_row(self, stream: str, record: Record) -> str:
+        cells = []
+        for name, info in self.columns:
+            value = (record_column(self.number, stream, record, name) if info is None
+                     else field_value(record, info))
+            cells.append("" if value is None else str(_json_value(value)))
+        return self.separator.join(cells)
 
     def input_findings(self, result: AnalysisResult) -> None:
-        """Findings about the input file itself (not about a stream) come last, unnumbered."""
+        """Findings about the input file itself (not about a stream) come last."""
         for finding in result.input_findings:
-            self.out.write(format_event_line(0, finding) + "\n")
+            self._finding(None, finding)
 
 
 # --- analyze -------------------------------------------------------------------------

@@ -68,3 +68,125 @@ def test_dump_verbose_on_a_capture_names_fields_by_filter_name(tmp_path: Path) -
     names = set(re.findall(r"\(([a-z_.]+)\): ", done.stdout))
     assert {"bitmap.granularity", "bitmap.node", "section.idstr", "bitmap.start_sector"} <= names
     assert names <= set(registry.FIELDS)
+
+
+# --- tshark's habits: -Y, -c, --json, -T fields -e --------------------------------
+
+CLEAN = "captures/generated/clean.bin"
+REAL = "captures/real/postcopy.pcap"
+
+
+def numbered_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r" *\d+ ", line)]
+
+
+def test_display_filter_keeps_record_numbers() -> None:
+    every = numbered_lines(run_cli("dump", CLEAN).stdout)
+    done = run_cli("dump", "-Y", "bitmap.granularity == 65536", CLEAN)
+    assert done.returncode == 0, done.stderr
+    shown = numbered_lines(done.stdout)
+    assert len(shown) == 2 and all("granularity=65536" in line for line in shown)
+    # the same records, with the numbers they have unfiltered
+    assert all(line in every for line in shown)
+    assert "dirty-512" not in done.stdout
+
+
+def test_bad_display_filter_is_a_one_line_error_exit_2() -> None:
+    done = run_cli("dump", "-Y", "kind == ", CLEAN)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("migshark: bad display filter")
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_count_stops_after_n_records() -> None:
+    done = run_cli("dump", "-c", "5", CLEAN)
+    assert done.returncode == 0, done.stderr
+    assert [int(line.split()[0]) for line in numbered_lines(done.stdout)] == [1, 2, 3, 4, 5]
+    filtered = run_cli("dump", "-c", "2", "-Y", "kind == bitmap-start", CLEAN)
+    assert len(numbered_lines(filtered.stdout)) == 2
+    assert run_cli("dump", "-c", "0", CLEAN).returncode == 2
+
+
+def dump_json(*args: str) -> list[dict]:
+    import json
+
+    done = run_cli("dump", "--json", *args)
+    assert done.returncode in (0, 1), done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_dump_json_has_exactly_the_records_dump_prints() -> None:
+    objects = dump_json(REAL)
+    records = [o for o in objects if o["type"] == "record"]
+    lines = numbered_lines(run_cli("dump", REAL).stdout)
+    assert [r["number"] for r in records] == [int(line.split()[0]) for line in lines]
+    assert [r["kind"] for r in records] == [line.split()[3] for line in lines]
+    assert [f"{r['offset']:#x}" for r in records] == [line.split()[1] for line in lines]
+    assert all(o["schema_version"] >= 2 for o in objects)
+    bits = [r for r in records if r["kind"] == "bitmap-bits"]
+    assert bits and all({"bitmap.start_sector", "bitmap.nr_sectors", "bitmap.flags"}
+                        <= set(r["fields"]) for r in bits)
+    assert all(r["node"] and r["bitmap"] for r in bits)
+
+
+def test_dump_json_bitmap_records_carry_the_tui_detail_tree_fields() -> None:
+    from textual.widgets import Tree
+
+    from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+    from migshark.tui.app import MigsharkApp
+
+    records: list[Record] = []
+    analyze_path(REPO_ROOT / REAL, AnalysisOptions(keep_buffers=True),
+                 lambda stream, event: records.append(event) if isinstance(event, Record)
+                 else None)
+    objects = [o for o in dump_json(REAL) if o["type"] == "record"]
+    assert len(objects) == len(records)
+    checked = 0
+    for record, obj in zip(records, objects, strict=True):
+        if not registry.Kind(record.kind).is_bitmap:
+            continue
+        tree: Tree[tuple[int, int] | None] = Tree("record")
+        MigsharkApp._add_fields(tree, record, (record.offset, record.length))
+        shown: list[str] = []
+        stack = list(tree.root.children)
+        while stack:
+            node = stack.pop(0)
+            shown.append(str(node.label))
+            stack[:0] = list(node.children)
+        tree_lines = shown[1:]  # the kind's title first
+        json_fields = obj["fields"]
+        assert len(tree_lines) == len(json_fields), (tree_lines, json_fields)
+        for name, value in json_fields.items():
+            info = registry.lookup(name.split("[", 1)[0])
+            assert info is not None, name
+            if info.type is registry.FieldType.BYTES:
+                value = bytes.fromhex(value)  # JSON carries bytes as hex
+            assert any(f": {info.display(value)}" in line for line in tree_lines), (name, value)
+        checked += 1
+    assert checked > 10
+
+
+def test_fields_output_for_scripts() -> None:
+    done = run_cli("dump", "-T", "fields", "-e", "no", "-e", "bitmap.node", "-e",
+                   "bitmap.granularity", "-Y", "kind == bitmap-start", CLEAN)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    assert rows == [["9", "drive0", "512"], ["10", "drive0", "65536"], ["11", "drive1", "65536"]]
+    unknown = run_cli("dump", "-T", "fields", "-e", "bitmap.nope", CLEAN)
+    assert unknown.returncode == 2 and "bitmap.nope" in unknown.stderr
+    assert run_cli("dump", "-e", "no", CLEAN).returncode == 2
+
+
+def test_dump_numbers_records_as_the_tui_store_does() -> None:
+    """One numbering: record N in dump is row N of the TUI (findings are not numbered)."""
+    from migshark.analyzer.analysis import AnalysisOptions, analyze_path
+    from migshark.tui.model import Store
+
+    store = Store()
+    analyze_path(REPO_ROOT / REAL, AnalysisOptions(keep_buffers=True),
+                 lambda stream, event: store.add(stream.name, event))
+    records = [o for o in dump_json(REAL) if o["type"] == "record"]
+    assert len(records) == len(store) and store.findings
+    for obj in records:
+        row = store.records[obj["number"] - 1]
+        assert (row.offset, str(row.kind)) == (obj["offset"], obj["kind"])
