@@ -60,10 +60,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.print_help()
         return EXIT_UNREADABLE
     from migshark.analyzer.analysis import InputError
+    from migshark.analyzer.inputs import UnreadableInput
 
     try:
         return int(args.handler(args))
-    except InputError as error:
+    except (InputError, UnreadableInput) as error:
         print(f"migshark: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
     except BrokenPipeError:
@@ -217,7 +218,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="pcap, pcapng or raw migration stream")
+    parser.add_argument("path", help="pcap, pcapng or raw migration stream, or - for "
+                                     "stdin; gzip, xz or zstd compressed is read as is")
     parser.add_argument("--port", type=int, default=None,
                         help="TCP port of the destination (default: find flows starting "
                              "with QEVM)")
