@@ -179,15 +179,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Faults that another fault keeps off the wire: with drop-eos the generator treats every
+# bitmap as damaged from the first section payload on (a destination stops at the first
+# error), so a fault that bends a later BITS chunk would silently not be written.
+# tests/test_generate_cli.py checks this table against what the generator does.
+FAULTS_HIDDEN_BY = {
+    "drop-eos": ("wrong-granularity-start", "wrong-buffer-size", "oversized-buffer"),
+}
+
+
+def fault_conflict(texts: Sequence[str]) -> str | None:
+    """Why a list of --fault values cannot all be applied (None when they can)."""
+    names = [text.partition("=")[0].strip() for text in texts]
+    for name in names:
+        if names.count(name) > 1:
+            return f"--fault {name} is given {names.count(name)} times; give it once"
+    for hider, hidden in FAULTS_HIDDEN_BY.items():
+        lost = [name for name in names if name in hidden]
+        if hider in names and lost:
+            return (f"--fault {hider} ends the dirty-bitmap section before the chunk that "
+                    f"{', '.join(lost)} would bend reaches the destination; choose one")
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from migshark.analyzer.encoder import cmd_generate as run_generate
 
+    conflict = fault_conflict(args.fault)
+    if conflict:
+        print(f"migshark generate: {conflict}", file=sys.stderr)
+        return EXIT_UNREADABLE
     return run_generate(args)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from migshark.analyzer.replay import cmd_replay as run_replay
 
+    conflict = fault_conflict(args.fault)
+    if conflict:
+        print(f"migshark replay: {conflict}", file=sys.stderr)
+        return EXIT_UNREADABLE
     return run_replay(args)
 
 
@@ -274,13 +305,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         exporter = ScenarioExporter()
     result = analyze_path(args.path, _options(args, keep_buffers=True),
                           exporter.sink if exporter else None)
-    if exporter is not None and not exporter.write(result, args.export_scenario):
-        print("migshark: no migration stream to export a scenario from", file=sys.stderr)
     if args.json:
         # One write: json.dump() writes each token, one syscall each when unbuffered.
         sys.stdout.write(render_json(result))
     else:
         sys.stdout.write(format_summary(result))
+    if exporter is not None:
+        # After the summary: a scenario that cannot be written loses no analysis.
+        try:
+            if not exporter.write(result, args.export_scenario):
+                print("migshark: no migration stream to export a scenario from",
+                      file=sys.stderr)
+        except OSError as error:
+            sys.stdout.flush()
+            print(f"migshark: cannot write the scenario to {args.export_scenario}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return EXIT_UNREADABLE
     return exit_code(result)
 
 

@@ -144,3 +144,15 @@ def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
     channel.end()
     assert format_connection_closed(channel) == (
         "connection 2: multifd channel closed, 2,004 bytes forwarded")
+
+
+def test_export_scenario_into_a_missing_folder_is_a_clean_exit_2(tmp_path: Path) -> None:
+    capture = REPO_ROOT / "captures/generated/clean.bin"
+    done = run_cli("analyze", "--export-scenario", str(tmp_path / "no/such/x.toml"),
+                   str(capture))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "cannot write the scenario" in done.stderr and "no/such/x.toml" in done.stderr
+    assert "Migration stream clean.bin" in done.stdout  # the summary is still printed
+    ok = run_cli("analyze", "--export-scenario", str(tmp_path / "x.toml"), str(capture))
+    assert ok.returncode == 0 and (tmp_path / "x.toml").read_text().startswith("# Exported")
