@@ -325,13 +325,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from migshark.analyzer.analysis import analyze_path
+    from migshark.analyzer.analysis import InputError, analyze_path
     from migshark.analyzer.report import DumpLimitReached, DumpPrinter, DumpStyle
 
     style = DumpStyle.JSON if args.json else DumpStyle(args.output_format)
     columns = _dump_columns(style, args.fields)
+    select: Callable[[int, Any], bool] | None = None
+    if args.display_filter is not None:
+        # -Y is the TUI's display filter language: one implementation, wired in here.
+        from migshark.tui.filter import FilterError, RowView, parse_filter
+
+        try:
+            predicate = parse_filter(args.display_filter)
+        except FilterError as error:
+            raise InputError(f"bad display filter at column {error.position + 1}: {error}"
+                             ) from None
+        if predicate is not None:
+            # A finding reaches dump after its record: its severity is not known yet.
+            def select(number: int, record: Any) -> bool:
+                return predicate(RowView(number, record, None))
     printer = DumpPrinter(sys.stdout, args.verbose, style=style, limit=args.count,
-                          select=_display_filter(args.display_filter), columns=columns)
+                          select=select, columns=columns)
     try:
         result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
                                                   keep_buffers=True), printer)
@@ -357,23 +371,6 @@ def _dump_columns(style: Any, names: list[str]) -> list[str]:
         raise InputError(f"unknown field {unknown[0]!r} for -e (a registry filter name such "
                          f"as bitmap.granularity, or one of {', '.join(RECORD_COLUMNS)})")
     return names
-
-
-def _display_filter(text: str | None) -> Callable[[int, Any], bool] | None:
-    """-Y: the TUI's display filter language (one implementation), applied to dump's rows."""
-    if text is None:
-        return None
-    from migshark.analyzer.analysis import InputError
-    from migshark.tui.filter import FilterError, RowView, parse_filter
-
-    try:
-        predicate = parse_filter(text)
-    except FilterError as error:
-        raise InputError(f"bad display filter at column {error.position + 1}: {error}") from None
-    if predicate is None:
-        return None
-    # A finding reaches dump after its record: a record's own severity is not known yet.
-    return lambda number, record: predicate(RowView(number, record, None))
 
 
 def _positive(text: str) -> int:

@@ -37,6 +37,7 @@ from migshark.analyzer.capture import (
     TcpSegment,
 )
 from migshark.analyzer.records import Event, Finding, Severity
+from migshark.analyzer.report import analysis_json
 from migshark.analyzer.returnpath import ReturnPathDecoder
 from migshark.dissectors.grammar import QEVM_MAGIC
 from migshark.dissectors.multifd import MULTIFD_MAGIC_BYTES, is_multifd_channel
@@ -199,8 +200,9 @@ class Connection:
         None when it carried no migration stream."""
         if self.stream is None:
             return None
-        result = AnalysisResult(path, input_format, [self.stream]).as_json()
-        result["return_path"] = {
+        result = analysis_json(AnalysisResult(path, input_format, [self.stream]))
+        # The return path belongs to this connection's migration, not to the input.
+        result["migrations"][0]["return_path"] = {
             "bytes": self.backward_bytes,
             "messages": dict(sorted(self.return_path.messages.items())),
             "shut_code": self.return_path.shut_code,

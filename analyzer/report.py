@@ -221,9 +221,29 @@ class DumpPrinter:
 
 # --- analyze -------------------------------------------------------------------------
 
+def analysis_json(result: AnalysisResult) -> dict[str, Any]:
+    """The documented JSON of an analysis (docs/json.md): what is about the input at
+    the top, one object per migration stream below it, never one migration's fields
+    mixed with another's at the top (schema 1 took machine_type, phases and sections
+    from the first migration and bitmaps and findings from all of them)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input": result.path,
+        "format": result.input_format,
+        "input_findings": [f.as_json() for f in result.input_findings],
+        "migrations": [migration_json(m.result()) for m in result.migrations],
+    }
+
+
+def migration_json(summary: dict[str, Any]) -> dict[str, Any]:
+    """One migration stream's object (MigrationStream.result()), versioned so that a
+    line of live/proxy --json or an element of analyze's "migrations" stands alone."""
+    return {"schema_version": SCHEMA_VERSION, **summary}
+
+
 def render_json(result: AnalysisResult) -> str:
     """`analyze --json`: the result as one indented JSON document."""
-    return json.dumps(result.as_json(), indent=2) + "\n"
+    return json.dumps(analysis_json(result), indent=2) + "\n"
 
 
 def format_summary(result: AnalysisResult) -> str:

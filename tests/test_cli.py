@@ -36,14 +36,14 @@ def test_analyze_json_shape_and_exit_codes(tmp_path):
     done = run_cli("analyze", "--json", str(path))
     report = json.loads(done.stdout)
     assert done.returncode == 0
-    for bitmap in report["bitmaps"]:
+    for bitmap in report["migrations"][0]["bitmaps"]:
         assert {"node", "name", "granularity", "enabled", "persistent", "disk_size",
                 "dirty_bytes", "sha256", "complete"} <= set(bitmap)
     path.write_bytes(synthetic.precopy_stream()[:-300])
     done = run_cli("analyze", "--json", str(path))
     assert done.returncode == 1
     report = json.loads(done.stdout)
-    truncated = [f for f in report["findings"] if f["code"] == "truncated"]
+    truncated = [f for f in report["migrations"][0]["findings"] if f["code"] == "truncated"]
     assert truncated and truncated[0]["severity"] == "error"
     assert {"code", "severity", "message", "offset"} <= set(truncated[0])
 
