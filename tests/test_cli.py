@@ -156,3 +156,20 @@ def test_export_scenario_into_a_missing_folder_is_a_clean_exit_2(tmp_path: Path)
     assert "Migration stream clean.bin" in done.stdout  # the summary is still printed
     ok = run_cli("analyze", "--export-scenario", str(tmp_path / "x.toml"), str(capture))
     assert ok.returncode == 0 and (tmp_path / "x.toml").read_text().startswith("# Exported")
+
+
+def test_readme_gives_exit_codes_for_every_command() -> None:
+    from migshark.analyzer.cli import build_parser
+
+    parser = build_parser()
+    commands = set(next(a for a in parser._actions if a.dest == "==SUPPRESS==" or
+                        hasattr(a, "choices") and isinstance(a.choices, dict)).choices)
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("Exit codes, for every command"):]
+    table = table[: table.index("\n\n", table.index("| command |"))]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = {name.strip("` ") for row in rows for name in row.split("|")[1].split(",")
+              for name in name.split("/")}
+    assert commands == listed, (commands, listed)
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("migshark ")

@@ -249,8 +249,8 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
     report = _sniff_real_migration(tmp_path, "postcopy-1node")
     # shaped as the proxy reports it: PONG and SHUT are 8 bytes each on the wire
-    assert report["migrations"][0]["return_path"] == {"bytes": 16, "messages": {"PONG": 1, "SHUT": 1},
-                                     "shut_code": 0}
+    return_path = report["migrations"][0]["return_path"]
+    assert return_path == {"bytes": 16, "messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
 @pytest.mark.qemu

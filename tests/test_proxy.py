@@ -63,7 +63,8 @@ def test_connection_labels_multifd_and_decodes_return_path() -> None:
     assert result is not None
     assert result["migrations"][0]["return_path"]["messages"] == {"SHUT": 1}
     assert result["migrations"][0]["return_path"]["shut_code"] == 3
-    assert result["migrations"][0]["return_path"]["bytes"] == len(build_message(ReturnPathMessage.SHUT, b"1234"))
+    shut = build_message(ReturnPathMessage.SHUT, b"1234")
+    assert result["migrations"][0]["return_path"]["bytes"] == len(shut)
     assert "return-path-error" in [f["code"] for f in result["migrations"][0]["findings"]]
     assert table.streams == [main.stream]
     worst = table.worst_severity()
@@ -247,8 +248,8 @@ def test_proxy_forwards_byte_for_byte_and_passes_half_close_on() -> None:
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is True
     assert {b["name"] for b in report["migrations"][0]["bitmaps"]} == {"inc0", "inc1"}
-    assert report["migrations"][0]["return_path"] == {"bytes": len(reply), "messages": {"PONG": 1, "SHUT": 1},
-                                     "shut_code": 0}
+    return_path = report["migrations"][0]["return_path"]
+    assert return_path == {"bytes": len(reply), "messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
 def test_proxy_ctrl_c_reports_the_open_connection() -> None:
