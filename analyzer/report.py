@@ -19,7 +19,14 @@ from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, TextIO
 
 from migshark.analyzer.records import Event, Finding, Record
-from migshark.dissectors.registry import FieldView, describe, field_value, kind_info, lookup
+from migshark.dissectors.registry import (
+    FieldInfo,
+    FieldView,
+    describe,
+    field_value,
+    kind_info,
+    lookup,
+)
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import AnalysisResult, MigrationStream
@@ -31,11 +38,23 @@ _MAIN_SECTIONS = ("ram", "dirty-bitmap", "(framing)")
 
 # --- one event ---------------------------------------------------------------------
 
+# Summary fields per record kind, looked up once per kind: dump calls record_info for
+# every record of a capture.
+_summary_fields: dict[str, tuple[FieldInfo, ...]] = {}
+
+
+def _summary_of(kind: str) -> tuple[FieldInfo, ...]:
+    fields = _summary_fields.get(kind)
+    if fields is None:
+        info = kind_info(kind)
+        fields = _summary_fields[kind] = info.summary if info else ()
+    return fields
+
+
 def record_info(record: Record) -> str:
     """The one-line summary of a record: its kind's summary fields (the registry's)."""
-    info = kind_info(record.kind)
     parts = []
-    for field_info in info.summary if info else ():
+    for field_info in _summary_of(record.kind):
         key = field_info.key
         if key in record.fields:
             value = record.fields[key]
