@@ -19,6 +19,7 @@ from migshark.analyzer.records import Severity
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult
+    from migshark.analyzer.report import DumpStyle
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -350,12 +351,13 @@ def cmd_dump(args: argparse.Namespace) -> int:
         result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
                                                   keep_buffers=True), printer)
     except DumpLimitReached:
-        return EXIT_OK
+        # Stopped early: judged on the findings that came before the stop.
+        return EXIT_ERRORS if printer.worst == Severity.ERROR else EXIT_OK
     printer.input_findings(result)
     return exit_code(result)
 
 
-def _dump_columns(style: Any, names: list[str]) -> list[str]:
+def _dump_columns(style: DumpStyle, names: list[str]) -> list[str]:
     from migshark.analyzer.analysis import InputError
     from migshark.analyzer.report import RECORD_COLUMNS, DumpStyle
     from migshark.dissectors.registry import lookup

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, TextIO
 
-from migshark.analyzer.records import Event, Finding, Record
+from migshark.analyzer.records import Event, Finding, Record, Severity
 from migshark.dissectors.registry import (
     FieldInfo,
     FieldView,
@@ -193,11 +193,14 @@ class DumpPrinter:
         self.columns = [(name, lookup(name)) for name in columns]
         self.number = 0
         self.shown = 0
+        self.worst: Severity | None = None  # of every finding received, shown or not
         self._showing = True  # whether the last record was shown (its findings are)
 
     def __call__(self, stream: MigrationStream | None, event: Event) -> None:
         name = stream.name if stream is not None else ""
         if isinstance(event, Finding):
+            if self.worst is None or event.severity > self.worst:
+                self.worst = event.severity
             if self._showing:
                 self._finding(name, event)
             return

@@ -190,3 +190,16 @@ def test_dump_numbers_records_as_the_tui_store_does() -> None:
     for obj in records:
         row = store.records[obj["number"] - 1]
         assert (row.offset, str(row.kind)) == (obj["offset"], obj["kind"])
+
+
+def test_count_keeps_the_exit_code_of_what_was_read(tmp_path: Path) -> None:
+    path = tmp_path / "cut.bin"
+    data = synthetic.precopy_stream()
+    path.write_bytes(data[:-300])  # truncated: an error finding, at the end
+    assert run_cli("dump", "-c", "1", str(path)).returncode == 0  # stopped before it
+    assert run_cli("dump", str(path)).returncode == 1
+    # an error early in the stream, then more records: -c stops after it, still exit 1
+    early = REPO_ROOT / "captures/generated/footer-mismatch.bin"
+    stopped = run_cli("dump", "-c", "20", str(early))
+    assert "[error] footer-mismatch" in stopped.stdout and stopped.returncode == 1
+    assert len(numbered_lines(stopped.stdout)) == 20
