@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migshark.analyzer import findings
+from migshark.analyzer import findings, inputs
 from migshark.analyzer.bitmaps import BitmapTracker, DestinationContext, Dialect
 from migshark.analyzer.capture import (
     CaptureFormatError,
@@ -208,6 +208,11 @@ def analyze_path(path: str | os.PathLike[str], options: AnalysisOptions | None =
                  sink: EventSink | None = None) -> AnalysisResult:
     options = options or AnalysisOptions()
     path = os.fspath(path)
+    if inputs.needs_spooling(path):  # stdin, a pipe, a compressed file: see inputs.py
+        with inputs.spooled(path) as local:
+            result = analyze_path(local, options, sink)
+        result.path = path
+        return result
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
     if os.path.isdir(path):

@@ -10,7 +10,7 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # records is small; everything heavier is imported by the handler that uses it, so that
@@ -19,6 +19,7 @@ from migshark.analyzer.records import Severity
 
 if TYPE_CHECKING:
     from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult
+    from migshark.analyzer.report import DumpStyle
 
 EXIT_OK, EXIT_ERRORS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -60,10 +61,11 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.print_help()
         return EXIT_UNREADABLE
     from migshark.analyzer.analysis import InputError
+    from migshark.analyzer.inputs import UnreadableInput
 
     try:
         return int(args.handler(args))
-    except InputError as error:
+    except (InputError, UnreadableInput) as error:
         print(f"migshark: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
     except BrokenPipeError:
@@ -98,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print every field of each record")
     dump.add_argument("--ram-detail", action="store_true",
                       help="one record per RAM page instead of one per section payload")
+    dump.add_argument("-Y", "--display-filter", metavar="FILTER", default=None,
+                      help="show only records matching FILTER (the TUI's display filter, "
+                           "e.g. 'kind == BITS and bitmap.granularity > 512'); records "
+                           "keep their numbers")
+    dump.add_argument("-c", "--count", metavar="N", type=_positive, default=None,
+                      help="stop after showing N records")
+    dump.add_argument("--json", action="store_true",
+                      help="one JSON object per line for each record and finding "
+                           "(docs/json.md)")
+    dump.add_argument("-T", dest="output_format", choices=["text", "fields"], default="text",
+                      help="fields: one line per record of the -e fields, tab-separated")
+    dump.add_argument("-e", dest="fields", action="append", default=[], metavar="FIELD",
+                      help="with -T fields: a registry filter name (bitmap.granularity) or "
+                           "one of no, offset, length, kind, section, node, bitmap, stream "
+                           "(repeatable)")
     dump.set_defaults(handler=cmd_dump, batch=True)
 
     tui = sub.add_parser("tui", help="browse records, bitmaps and findings in a terminal UI")
@@ -163,15 +180,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Faults that another fault keeps off the wire: with drop-eos the generator treats every
+# bitmap as damaged from the first section payload on (a destination stops at the first
+# error), so a fault that bends a later BITS chunk would silently not be written.
+# tests/test_generate_cli.py checks this table against what the generator does.
+FAULTS_HIDDEN_BY = {
+    "drop-eos": ("wrong-granularity-start", "wrong-buffer-size", "oversized-buffer"),
+}
+
+
+def fault_conflict(texts: Sequence[str]) -> str | None:
+    """Why a list of --fault values cannot all be applied (None when they can)."""
+    names = [text.partition("=")[0].strip() for text in texts]
+    for name in names:
+        if names.count(name) > 1:
+            return f"--fault {name} is given {names.count(name)} times; give it once"
+    for hider, hidden in FAULTS_HIDDEN_BY.items():
+        lost = [name for name in names if name in hidden]
+        if hider in names and lost:
+            return (f"--fault {hider} ends the dirty-bitmap section before the chunk that "
+                    f"{', '.join(lost)} would bend reaches the destination; choose one")
+    return None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from migshark.analyzer.encoder import cmd_generate as run_generate
 
+    conflict = fault_conflict(args.fault)
+    if conflict:
+        print(f"migshark generate: {conflict}", file=sys.stderr)
+        return EXIT_UNREADABLE
     return run_generate(args)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from migshark.analyzer.replay import cmd_replay as run_replay
 
+    conflict = fault_conflict(args.fault)
+    if conflict:
+        print(f"migshark replay: {conflict}", file=sys.stderr)
+        return EXIT_UNREADABLE
     return run_replay(args)
 
 
@@ -202,7 +250,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 
 def _input_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="pcap, pcapng or raw migration stream")
+    parser.add_argument("path", help="pcap, pcapng or raw migration stream, or - for "
+                                     "stdin; gzip, xz or zstd compressed is read as is")
     parser.add_argument("--port", type=int, default=None,
                         help="TCP port of the destination (default: find flows starting "
                              "with QEVM)")
@@ -257,25 +306,80 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         exporter = ScenarioExporter()
     result = analyze_path(args.path, _options(args, keep_buffers=True),
                           exporter.sink if exporter else None)
-    if exporter is not None and not exporter.write(result, args.export_scenario):
-        print("migshark: no migration stream to export a scenario from", file=sys.stderr)
     if args.json:
         # One write: json.dump() writes each token, one syscall each when unbuffered.
         sys.stdout.write(render_json(result))
     else:
         sys.stdout.write(format_summary(result))
+    if exporter is not None:
+        # After the summary: a scenario that cannot be written loses no analysis.
+        try:
+            if not exporter.write(result, args.export_scenario):
+                print("migshark: no migration stream to export a scenario from",
+                      file=sys.stderr)
+        except OSError as error:
+            sys.stdout.flush()
+            print(f"migshark: cannot write the scenario to {args.export_scenario}: "
+                  f"{error.strerror or error}", file=sys.stderr)
+            return EXIT_UNREADABLE
     return exit_code(result)
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from migshark.analyzer.analysis import analyze_path
-    from migshark.analyzer.report import DumpPrinter
+    from migshark.analyzer.analysis import InputError, analyze_path
+    from migshark.analyzer.report import DumpLimitReached, DumpPrinter, DumpStyle
 
-    printer = DumpPrinter(sys.stdout, args.verbose)
-    result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
-                                              keep_buffers=True), printer)
+    style = DumpStyle.JSON if args.json else DumpStyle(args.output_format)
+    columns = _dump_columns(style, args.fields)
+    select: Callable[[int, Any], bool] | None = None
+    if args.display_filter is not None:
+        # -Y is the TUI's display filter language: one implementation, wired in here.
+        from migshark.tui.filter import FilterError, RowView, parse_filter
+
+        try:
+            predicate = parse_filter(args.display_filter)
+        except FilterError as error:
+            raise InputError(f"bad display filter at column {error.position + 1}: {error}"
+                             ) from None
+        if predicate is not None:
+            # A finding reaches dump after its record: its severity is not known yet.
+            def select(number: int, record: Any) -> bool:
+                return predicate(RowView(number, record, None))
+    printer = DumpPrinter(sys.stdout, args.verbose, style=style, limit=args.count,
+                          select=select, columns=columns)
+    try:
+        result = analyze_path(args.path, _options(args, ram_detail=args.ram_detail,
+                                                  keep_buffers=True), printer)
+    except DumpLimitReached:
+        # Stopped early: judged on the findings that came before the stop.
+        return EXIT_ERRORS if printer.worst == Severity.ERROR else EXIT_OK
     printer.input_findings(result)
     return exit_code(result)
+
+
+def _dump_columns(style: DumpStyle, names: list[str]) -> list[str]:
+    from migshark.analyzer.analysis import InputError
+    from migshark.analyzer.report import RECORD_COLUMNS, DumpStyle
+    from migshark.dissectors.registry import lookup
+
+    if style is not DumpStyle.FIELDS:
+        if names:
+            raise InputError("-e FIELD needs -T fields")
+        return []
+    if not names:
+        raise InputError("-T fields needs at least one -e FIELD")
+    unknown = [name for name in names if name not in RECORD_COLUMNS and lookup(name) is None]
+    if unknown:
+        raise InputError(f"unknown field {unknown[0]!r} for -e (a registry filter name such "
+                         f"as bitmap.granularity, or one of {', '.join(RECORD_COLUMNS)})")
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 if __name__ == "__main__":

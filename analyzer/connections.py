@@ -38,12 +38,14 @@ from migshark.analyzer.capture import (
 )
 from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Severity
+from migshark.analyzer.report import analysis_json
 from migshark.analyzer.returnpath import ReturnPathDecoder
 from migshark.dissectors.grammar import QEVM_MAGIC
+from migshark.dissectors.multifd import MULTIFD_MAGIC_BYTES, is_multifd_channel
 
-MULTIFD_MAGIC = 0x11223344  # wire: moves to dissectors/multifd.py
-MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
-MAGIC_LENGTH = 4
+# Both magics ("QEVM", multifd's 0x11223344) are four bytes: that many tell the kinds apart.
+MAGIC_LENGTH = len(QEVM_MAGIC)
+assert len(MULTIFD_MAGIC_BYTES) == MAGIC_LENGTH
 
 
 class Direction(StrEnum):
@@ -71,7 +73,7 @@ def classify(head: bytes | bytearray) -> ConnectionKind | None:
     magic = bytes(head[:MAGIC_LENGTH])
     if magic == QEVM_MAGIC:
         return ConnectionKind.MIGRATION
-    if magic == MULTIFD_MAGIC_BYTES:
+    if is_multifd_channel(magic):
         return ConnectionKind.MULTIFD
     return ConnectionKind.UNKNOWN
 
@@ -199,8 +201,9 @@ class Connection:
         None when it carried no migration stream."""
         if self.stream is None:
             return None
-        result = AnalysisResult(path, input_format, [self.stream]).as_json()
-        result["return_path"] = {
+        result = analysis_json(AnalysisResult(path, input_format, [self.stream]))
+        # The return path belongs to this connection's migration, not to the input.
+        result["migrations"][0]["return_path"] = {
             "bytes": self.backward_bytes,
             "messages": dict(sorted(self.return_path.messages.items())),
             "shut_code": self.return_path.shut_code,

@@ -36,7 +36,7 @@ from migshark.analyzer.capture import parse_frame
 from migshark.analyzer.capture.frames import LINKTYPE_ETHERNET, LINKTYPE_RAW
 from migshark.analyzer.connections import CaptureConnections, Connection, ConnectionKind
 from migshark.analyzer.findings import Code
-from migshark.analyzer.records import Event, Finding, Severity
+from migshark.analyzer.records import Event, Finding, Record, Severity
 
 if TYPE_CHECKING:  # -w only: the writer is imported when asked for
     from migshark.analyzer.pcapwriter import PcapngWriter
@@ -95,7 +95,8 @@ class LiveCapture:
     def _print(self, prefix: str | None, event: Event) -> None:
         if self.args.json:
             return
-        self.numbers += 1
+        if isinstance(event, Record):  # findings are not numbered (dump, the TUI)
+            self.numbers += 1
         line = report.format_event_line(self.numbers, event)
         self.out.write(f"[{prefix}] {line}\n" if prefix else line + "\n")
         self.out.flush()

@@ -11,6 +11,7 @@ destination is concerned, or postcopy without a source to answer page requests.
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from dataclasses import dataclass
@@ -35,8 +36,21 @@ class ReplayReport:
     reset_by_peer: bool
     seconds: float
 
+    @property
+    def accepted(self) -> bool:
+        """Whether the destination read the whole stream and then closed in order.
+
+        QEMU's incoming side reads until the load ends; when the load fails it exits,
+        and the kernel resets a connection with bytes still unread, so a reset (or an
+        incomplete send) means the destination stopped reading: it refused the stream.
+        A stream that fails only at its very end (truncated) is read whole before QEMU
+        gives up: that looks like an orderly close, and only the destination's own
+        status can tell."""
+        return self.sent == self.total and self.closed_by_peer and not self.reset_by_peer
+
     def summary(self) -> str:
-        how = ("reset the connection" if self.reset_by_peer else
+        how = ("reset the connection: it stopped reading, the stream was refused"
+               if self.reset_by_peer else
                "closed the connection" if self.closed_by_peer else "did not close in time")
         return (f"sent {self.sent} of {self.total} stream bytes in {self.seconds:.2f} s; "
                 f"the destination {how}")
@@ -132,6 +146,12 @@ def send_stream(data: bytes, host: str, port: int, timeout: float = 30.0) -> Rep
             closed = True
         except TimeoutError:
             pass
+        except OSError as error:
+            # A reset that lands before our shutdown() leaves the socket unconnected.
+            if error.errno != errno.ENOTCONN:
+                raise ReplayError(f"sending to {host}:{port}: {error.strerror or error}"
+                                  ) from None
+            reset = True
     return ReplayReport(sent, len(data), closed, reset, time.monotonic() - started)
 
 
@@ -150,7 +170,7 @@ def cmd_replay(args: Any) -> int:
         print(f"migshark replay: {error}", file=sys.stderr)
         return 2
     print(report.summary())
-    return 0 if report.sent == report.total else 1
+    return 0 if report.accepted else 1
 
 
 # --- splicing a generated dirty-bitmap section into a real stream --------------------

@@ -426,6 +426,11 @@ class KindInfo:
     def fields(self) -> tuple[FieldInfo, ...]:
         return self.wire + self.generated
 
+    @property
+    def summary(self) -> tuple[FieldInfo, ...]:
+        """The fields a one-line record summary (dump, the TUI's record list) shows."""
+        return tuple(self.by_key[key] for key in SUMMARY_KEYS if key in self.by_key)
+
     def field_for(self, key: str) -> FieldInfo | None:
         """The field whose value the decoder keeps under `key` in Record.fields."""
         return self.by_key.get(key)
@@ -434,6 +439,14 @@ class KindInfo:
         """The field a span key of Record.spans names (a wire field first)."""
         return self.by_span.get(key) or self.by_key.get(key)
 
+
+# The fields one-line summaries show, in this order, for any kind that has them: enough
+# to follow a stream by eye (dump -V and the detail tree show the rest).
+SUMMARY_KEYS = tuple(info.key for info in (
+    SECTION_IDSTR, SECTION_ID, MACHINE_TYPE, COMMAND_NAME, PACKAGED_LENGTH,
+    BITMAP_GRANULARITY, BITMAP_START_FLAGS, BITMAP_START_SECTOR, BITMAP_NR_SECTORS,
+    BITMAP_ZEROES, BITMAP_BUFFER_SIZE, RAM_PAGES, RAM_ZERO_PAGES, RAM_TOTAL, DEVICE_METHOD,
+    DEVICE_SIZE, VMDESC_DEVICES, RAM_ADDR, RAM_BLOCK))
 
 _SECTION_FULL_WIRE = (ITEM, SECTION_ID, SECTION_IDSTR, SECTION_INSTANCE, SECTION_VERSION)
 _BITMAP_WIRE = (BITMAP_FLAGS, *BITMAP_FLAG_BITS, BITMAP_NODE, BITMAP_NAME, BITMAP_GRANULARITY,
@@ -689,7 +702,8 @@ def _lone_eos(record: RecordLike) -> bool:
 
 
 __all__ = [
-    "ABBREV_PREFIX", "BITMAP_KINDS", "FIELDS", "KINDS", "KINDS_OF", "RECORD_KEYS", "Base",
+    "ABBREV_PREFIX", "BITMAP_KINDS", "FIELDS", "KINDS", "KINDS_OF", "RECORD_KEYS", "SUMMARY_KEYS",
+    "Base",
     "FieldInfo", "FieldType", "FieldView", "Kind", "KindInfo", "bitmap_kind", "declared",
     "describe", "field_value", "kind_info", "lookup", "wire_type",
 ]

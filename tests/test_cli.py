@@ -36,14 +36,14 @@ def test_analyze_json_shape_and_exit_codes(tmp_path):
     done = run_cli("analyze", "--json", str(path))
     report = json.loads(done.stdout)
     assert done.returncode == 0
-    for bitmap in report["bitmaps"]:
+    for bitmap in report["migrations"][0]["bitmaps"]:
         assert {"node", "name", "granularity", "enabled", "persistent", "disk_size",
                 "dirty_bytes", "sha256", "complete"} <= set(bitmap)
     path.write_bytes(synthetic.precopy_stream()[:-300])
     done = run_cli("analyze", "--json", str(path))
     assert done.returncode == 1
     report = json.loads(done.stdout)
-    truncated = [f for f in report["findings"] if f["code"] == "truncated"]
+    truncated = [f for f in report["migrations"][0]["findings"] if f["code"] == "truncated"]
     assert truncated and truncated[0]["severity"] == "error"
     assert {"code", "severity", "message", "offset"} <= set(truncated[0])
 
@@ -68,7 +68,9 @@ def test_dump_lines_and_verbose(tmp_path):
     assert len(starts) == 2 and "drive0/inc0" in starts[0] and "granularity=65536" in starts[0]
     assert any("section-end" in line and "dirty-bitmap" in line for line in lines)
     verbose = run_cli("dump", "-V", str(path)).stdout
-    assert "first_sector: 0" in verbose and "buffer_size: 1024" in verbose
+    # every field through the registry: label, filter name, value, its bytes
+    assert re.search(r"Start sector \(bitmap\.start_sector\): 0  @0x[0-9a-f]+\+8", verbose)
+    assert re.search(r"Buffer size \(bitmap\.buffer_size\): 1024  @0x[0-9a-f]+\+\d+", verbose)
     detail = run_cli("dump", "--ram-detail", str(path)).stdout
     assert detail.count("ram-page ") == 4 and detail.count("ram-zero ") == 2
     assert "ram-pages" not in detail
@@ -107,23 +109,24 @@ def test_dump_printer_numbers_events_and_puts_input_findings_last(tmp_path: Path
     lines = out.getvalue().splitlines()
     # -V detail lines are indented field names; event lines start with a number or,
     # for findings, with blanks where the number would be
-    detail = [line for line in lines if re.match(r"    [a-z_]", line)]
+    detail = [line for line in lines if re.match(r" {4}(?: {2})?[A-Za-z\[]", line)]
     events = [line for line in lines if line not in detail]
     assert detail and all(": " in line for line in detail)
     numbers = [int(line.split()[0]) for line in events if re.match(r" {0,5}\d", line)]
     found = [line for line in events if not re.match(r" {0,5}\d", line)]
-    # every event counts, findings too (their lines show no number), like frame numbers
-    assert numbers == sorted(set(numbers)) and numbers[0] == 1
-    assert len(numbers) + len(found) - 1 == printer.number
-    assert "] capture-truncated: " in found[-1] and found[-1].split()[0] == "0"
+    # records are numbered 1, 2, ... as the TUI numbers its rows; findings are not
+    assert numbers == list(range(1, printer.number + 1))
+    assert len(found) > 1
+    assert "] capture-truncated: " in found[-1] and found[-1].split()[0] == "0x0"
     assert not any("capture-truncated" in line for line in found[:-1])
 
 
 def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
     from migshark.analyzer.analysis import AnalysisOptions
-    from migshark.analyzer.connections import BACKWARD, FORWARD, MULTIFD_MAGIC_BYTES, Connection
+    from migshark.analyzer.connections import BACKWARD, FORWARD, Connection
     from migshark.analyzer.report import format_connection_closed, format_connection_report
     from migshark.analyzer.returnpath import ReturnPathMessage, build_message
+    from migshark.dissectors.multifd import MULTIFD_MAGIC_BYTES
 
     shut = build_message(ReturnPathMessage.SHUT, b"\0\0\0\0")
     main = Connection("connection 1", AnalysisOptions(), claim=True)
@@ -141,3 +144,32 @@ def test_connection_reports_read_the_same_for_live_and_proxy() -> None:
     channel.end()
     assert format_connection_closed(channel) == (
         "connection 2: multifd channel closed, 2,004 bytes forwarded")
+
+
+def test_export_scenario_into_a_missing_folder_is_a_clean_exit_2(tmp_path: Path) -> None:
+    capture = REPO_ROOT / "captures/generated/clean.bin"
+    done = run_cli("analyze", "--export-scenario", str(tmp_path / "no/such/x.toml"),
+                   str(capture))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert "cannot write the scenario" in done.stderr and "no/such/x.toml" in done.stderr
+    assert "Migration stream clean.bin" in done.stdout  # the summary is still printed
+    ok = run_cli("analyze", "--export-scenario", str(tmp_path / "x.toml"), str(capture))
+    assert ok.returncode == 0 and (tmp_path / "x.toml").read_text().startswith("# Exported")
+
+
+def test_readme_gives_exit_codes_for_every_command() -> None:
+    from migshark.analyzer.cli import build_parser
+
+    parser = build_parser()
+    commands = set(next(a for a in parser._actions if a.dest == "==SUPPRESS==" or
+                        hasattr(a, "choices") and isinstance(a.choices, dict)).choices)
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("Exit codes, for every command"):]
+    table = table[: table.index("\n\n", table.index("| command |"))]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = {name.strip("` ") for row in rows for name in row.split("|")[1].split(",")
+              for name in name.split("/")}
+    assert commands == listed, (commands, listed)
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("migshark ")

@@ -156,7 +156,8 @@ def test_cli_destination_turns_an_existing_bitmap_into_an_error(
                  "--dialect", "2017"]) == 0
     capsys.readouterr()
     assert main(["analyze", str(stream), "--destination", destination, "--json"]) == 1
-    reported = json.loads(capsys.readouterr().out)["findings"]
+    (migration,) = json.loads(capsys.readouterr().out)["migrations"]
+    reported = migration["findings"]
     assert [f["code"] for f in reported if f["severity"] == "error"] == ["bitmap-exists"]
 
 

@@ -90,7 +90,7 @@ def test_tracker_decodes_return_path_labels_multifd_and_ends_on_reset() -> None:
     assert migration.return_path.messages == {"PONG": 1}
     assert tracker.streams[0].result()["complete"] is True
     result = migration.result("live:lo", "live")
-    assert result is not None and result["return_path"]["bytes"] == len(pong)
+    assert result is not None and result["migrations"][0]["return_path"]["bytes"] == len(pong)
     # the multifd channel ends with its FIN, as a connection without a report
     for segment in [multifd.seg(True, flags=FIN | ACK)]:
         tracker.segment(segment)
@@ -211,10 +211,10 @@ def _sniff_real_migration(tmp_path: Path, preset: str) -> dict:
     report = json.loads(lines[0])
     assert report["kernel"]["drops"] == 0
     assert report["kernel"]["packets"] > 0
-    codes = {f["code"] for f in report["findings"]}
+    codes = {f["code"] for f in report["migrations"][0]["findings"]}
     assert not codes & {"capture-gap", "kernel-drops", "truncated"}, codes
     truth = result.ground_truth["bitmaps"]
-    got = {(b["node"], b["name"]): b for b in report["bitmaps"]}
+    got = {(b["node"], b["name"]): b for b in report["migrations"][0]["bitmaps"]}
     assert len(got) == len(truth) > 0
     for bitmap in truth:
         mine = got[(bitmap["node"], bitmap["name"])]
@@ -233,7 +233,7 @@ def test_live_precopy_real_qemu(tmp_path: Path) -> None:
 @pytest.mark.qemu
 def test_live_postcopy_real_qemu(tmp_path: Path) -> None:
     report = _sniff_real_migration(tmp_path, "postcopy")
-    assert report["phases"][-1] == "postcopy-run"
+    assert report["migrations"][0]["phases"][-1] == "postcopy-run"
 
 
 @pytest.mark.qemu
@@ -249,8 +249,8 @@ def test_live_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
     report = _sniff_real_migration(tmp_path, "postcopy-1node")
     # shaped as the proxy reports it: PONG and SHUT are 8 bytes each on the wire
-    assert report["return_path"] == {"bytes": 16, "messages": {"PONG": 1, "SHUT": 1},
-                                     "shut_code": 0}
+    return_path = report["migrations"][0]["return_path"]
+    assert return_path == {"bytes": 16, "messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
 @pytest.mark.qemu
@@ -312,8 +312,8 @@ def test_ctrl_c_reports_the_unfinished_migration(tmp_path: Path) -> None:
     migration = report["migrations"][0]
     assert migration["complete"] is False
     assert migration["stream_bytes"] == len(partial)
-    assert {b["name"] for b in report["bitmaps"]} == {"inc0", "inc1"}
-    assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
+    assert {b["name"] for b in report["migrations"][0]["bitmaps"]} == {"inc0", "inc1"}
+    assert {b["status"] for b in report["migrations"][0]["bitmaps"]} == {"incomplete"}
 
 
 def test_kernel_drops_become_findings_on_open_migrations() -> None:

@@ -61,10 +61,11 @@ def test_connection_labels_multifd_and_decodes_return_path() -> None:
     main.end()
     result = main.result("test", "proxy")
     assert result is not None
-    assert result["return_path"]["messages"] == {"SHUT": 1}
-    assert result["return_path"]["shut_code"] == 3
-    assert result["return_path"]["bytes"] == len(build_message(ReturnPathMessage.SHUT, b"1234"))
-    assert "return-path-error" in [f["code"] for f in result["findings"]]
+    assert result["migrations"][0]["return_path"]["messages"] == {"SHUT": 1}
+    assert result["migrations"][0]["return_path"]["shut_code"] == 3
+    shut = build_message(ReturnPathMessage.SHUT, b"1234")
+    assert result["migrations"][0]["return_path"]["bytes"] == len(shut)
+    assert "return-path-error" in [f["code"] for f in result["migrations"][0]["findings"]]
     assert table.streams == [main.stream]
     worst = table.worst_severity()
     assert worst is not None and worst.label == "error"
@@ -81,9 +82,9 @@ def test_connection_claimed_or_not_and_reset_by_either_side() -> None:
     assert claimed.kind is ConnectionKind.MIGRATION
     result = claimed.result("test", "proxy")
     assert result is not None
-    codes = [f["code"] for f in result["findings"]]
+    codes = [f["code"] for f in result["migrations"][0]["findings"]]
     assert codes.count("peer-reset") == 1
-    reset = next(f for f in result["findings"] if f["code"] == "peer-reset")
+    reset = next(f for f in result["migrations"][0]["findings"] if f["code"] == "peer-reset")
     assert reset["message"].startswith("the destination reset the connection")
     assert result["migrations"][0]["complete"] is False
 
@@ -135,7 +136,7 @@ def _migrate_through_proxy(tmp_path: Path, incoming: str | None,
     report = json.loads(lines[0])
     truth = result.ground_truth
     assert truth["dest_outcome"] == "completed"
-    got = {(b["node"], b["name"]): b for b in report["bitmaps"]}
+    got = {(b["node"], b["name"]): b for b in report["migrations"][0]["bitmaps"]}
     assert len(got) == len(truth["bitmaps"]) == len(PRESETS[preset].drives[0].bitmaps) + sum(
         len(d.bitmaps) for d in PRESETS[preset].drives[1:])
     for bitmap in truth["bitmaps"]:
@@ -145,7 +146,7 @@ def _migrate_through_proxy(tmp_path: Path, incoming: str | None,
         # the destination loaded exactly what the source had: bytes arrived unchanged
         assert bitmap["dest_sha256"] == bitmap["sha256"], bitmap["name"]
     assert report["migrations"][0]["complete"] is True
-    assert not [f for f in report["findings"] if f["severity"] == "error"]
+    assert not [f for f in report["migrations"][0]["findings"] if f["severity"] == "error"]
     return report
 
 
@@ -165,7 +166,7 @@ def test_proxy_unix_socket_real_qemu(tmp_path: Path) -> None:
 def test_proxy_postcopy_real_qemu(tmp_path: Path) -> None:
     require_tools(*QEMU_TOOLS)
     report = _migrate_through_proxy(tmp_path, None, "postcopy-1node")
-    assert report["phases"][-2:] == ["postcopy-listen", "postcopy-run"]
+    assert report["migrations"][0]["phases"][-2:] == ["postcopy-listen", "postcopy-run"]
 
 
 @pytest.mark.qemu
@@ -183,9 +184,9 @@ def test_proxy_decodes_a_real_return_path(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(harness, "_set_caps", caps_with_return_path)
     report = _migrate_through_proxy(tmp_path, None, "postcopy-1node")
     # postcopy pings the destination once (PONG) and the destination ends with SHUT 0
-    assert report["return_path"]["messages"] == {"PONG": 1, "SHUT": 1}
-    assert report["return_path"]["shut_code"] == 0
-    assert not [f for f in report["findings"] if f["section"] == "return-path"]
+    assert report["migrations"][0]["return_path"]["messages"] == {"PONG": 1, "SHUT": 1}
+    assert report["migrations"][0]["return_path"]["shut_code"] == 0
+    assert not [f for f in report["migrations"][0]["findings"] if f["section"] == "return-path"]
 
 
 @pytest.mark.qemu
@@ -246,9 +247,9 @@ def test_proxy_forwards_byte_for_byte_and_passes_half_close_on() -> None:
     assert proc.returncode == 0, err.decode()
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is True
-    assert {b["name"] for b in report["bitmaps"]} == {"inc0", "inc1"}
-    assert report["return_path"] == {"bytes": len(reply), "messages": {"PONG": 1, "SHUT": 1},
-                                     "shut_code": 0}
+    assert {b["name"] for b in report["migrations"][0]["bitmaps"]} == {"inc0", "inc1"}
+    return_path = report["migrations"][0]["return_path"]
+    assert return_path == {"bytes": len(reply), "messages": {"PONG": 1, "SHUT": 1}, "shut_code": 0}
 
 
 def test_proxy_ctrl_c_reports_the_open_connection() -> None:
@@ -268,7 +269,7 @@ def test_proxy_ctrl_c_reports_the_open_connection() -> None:
     assert b"Traceback" not in err, err.decode()
     report = json.loads(out.decode().splitlines()[0])
     assert report["migrations"][0]["complete"] is False
-    assert {b["status"] for b in report["bitmaps"]} == {"incomplete"}
+    assert {b["status"] for b in report["migrations"][0]["bitmaps"]} == {"incomplete"}
 
 
 def test_proxy_text_output_reports_each_connection() -> None:

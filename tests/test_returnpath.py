@@ -122,5 +122,5 @@ def test_garbage_through_the_proxy_analysis_is_findings_not_exceptions() -> None
     analysis.end()
     result = analysis.result("test", "proxy")
     assert result is not None
-    codes = {f["code"] for f in result["findings"]}
+    codes = {f["code"] for f in result["migrations"][0]["findings"]}
     assert "bad-magic" in codes and "bad-return-path" in codes

@@ -17,7 +17,7 @@ from migshark.analyzer.analysis import AnalysisOptions, AnalysisResult, analyze_
 from migshark.analyzer.bitmaps import BitmapTracker
 from migshark.analyzer.cli import build_parser
 from migshark.analyzer.records import Finding, Record, Severity
-from migshark.analyzer.report import format_event_line
+from migshark.analyzer.report import analysis_json, format_event_line
 from migshark.dissectors.registry import describe, field_value
 from migshark.tui.app import BitmapsScreen, FindingsScreen, HelpScreen, MigsharkApp, default_capture
 from migshark.tui.demo import build_demo_stream, write_demo_stream
@@ -314,7 +314,7 @@ def test_exports_json_and_filtered_text(demo: Path, tmp_path: Path) -> None:
     async def scenario(app: MigsharkApp, pilot: Pilot[None]) -> None:
         await pilot.press("x")
         exported = json.loads((out / "demo.bin.migshark.json").read_text())
-        assert exported == json.loads(json.dumps(result.as_json()))
+        assert exported == json.loads(json.dumps(analysis_json(result)))
         app.set_filter('kind == BITS and node == "drive1"')
         await pilot.press("t")
         lines = (out / "demo.bin.records.txt").read_text().splitlines()

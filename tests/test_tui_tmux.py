@@ -85,7 +85,7 @@ def test_browse_a_real_capture_in_tmux(tmp_path: Path) -> None:
         tmux.keys('bitmap == "one-64k"', literal=True)
         tmux.keys("Enter")
         screen = tmux.wait_text(f"/{total} records")
-        rows = [line for line in screen.splitlines() if re.match(r"\d+\s+\d+\s", line)]
+        rows = [line for line in screen.splitlines() if re.match(r"\d+\s+0x[0-9a-f]+\s", line)]
         assert rows and all("drive0/one-64k" in line for line in rows)
 
         # Open the bitmaps view and the map of that bitmap.

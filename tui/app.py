@@ -527,11 +527,11 @@ class MigsharkApp(App[None]):
         stream = self.store.record_stream[row]
         whole = (record.offset, record.length)
         tree.root.set_label(f"Record {row + 1}: {record.kind} at {record.offset:#x}, "
-                            f"{record.length} bytes [{record.offset}..{record.end})")
+                            f"{record.length} bytes [{record.offset:#x}..{record.end:#x})")
         tree.root.data = whole
         frame = tree.root.add("Stream", data=whole, expand=False)
         frame.add_leaf(f"stream: {stream}", data=whole)
-        frame.add_leaf(f"offset: {record.offset} ({record.offset:#x})", data=whole)
+        frame.add_leaf(f"offset: {record.offset:#x}", data=whole)
         frame.add_leaf(f"length: {record.length}", data=whole)
         frame.add_leaf(f"section: {record.section} (id {record.section_id})", data=whole)
         if record.timestamp is not None and self.store.first_time is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from migshark.analyzer.analysis import AnalysisResult
 from migshark.analyzer.live import LiveCapture
+from migshark.analyzer.report import analysis_json
 from migshark.tui.model import Batcher, Deliver
 
 
@@ -54,7 +55,7 @@ class LiveSource:
         finally:
             capture.out.close()
         batcher.flush(final=True)
-        return AnalysisResult(self.name, "live", capture.tracker.streams).as_json()
+        return analysis_json(AnalysisResult(self.name, "live", capture.tracker.streams))
 
 
 def run_live_tui(args: argparse.Namespace) -> int:

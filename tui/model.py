@@ -22,6 +22,7 @@ from migshark.analyzer.analysis import AnalysisOptions, InputError, MigrationStr
 from migshark.analyzer.bitmaps import SECTOR, BitmapTracker, PagedWords
 from migshark.analyzer.findings import Code
 from migshark.analyzer.records import Event, Finding, Record, Severity
+from migshark.analyzer.report import analysis_json
 from migshark.dissectors.registry import BITMAP_KINDS
 from migshark.tui.filter import Predicate, RowView
 
@@ -122,7 +123,7 @@ class EventSource(Protocol):
 
     `run` is called in a worker thread; it calls `deliver` with batches (which may
     block while the UI catches up) and returns when the source is exhausted or
-    `stop` is set, with the analysis JSON (AnalysisResult.as_json()) if it has one.
+    `stop` is set, with the analysis JSON (report.analysis_json(), docs/json.md) if it has one.
     A live capture implements this with a Batcher as its CaptureDemux sink.
     """
 
@@ -225,7 +226,7 @@ class FileSource:
         for finding in result.input_findings:
             batcher.pending.append(("", finding))
         batcher.flush(final=True)
-        return result.as_json()
+        return analysis_json(result)
 
     def _run_child(self, deliver: Deliver, stop: threading.Event) -> dict[str, Any] | None:
         context = multiprocessing.get_context("fork")

@@ -15,6 +15,7 @@ from typing import Any
 from migshark.analyzer.analysis import AnalysisResult, MigrationStream
 from migshark.analyzer.proxy import Output, ProxyServer, open_proxy
 from migshark.analyzer.records import Event
+from migshark.analyzer.report import analysis_json
 from migshark.tui.model import Batcher, Deliver
 
 # How often events of a quiet connection are handed to the app.
@@ -67,7 +68,8 @@ class ProxySource:
             thread.join()
         with self._lock:
             batcher.flush(final=True)
-        return AnalysisResult(str(proxy.bound), "proxy", list(proxy.table.streams)).as_json()
+        return analysis_json(AnalysisResult(str(proxy.bound), "proxy",
+                                            list(proxy.table.streams)))
 
 
 def run_proxy_tui(args: argparse.Namespace) -> int:

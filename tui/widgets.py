@@ -88,7 +88,7 @@ def format_row(number: int, record: Record, first_time: float | None) -> str:
         when = "-"
     bitmap = f"{record.node}/{record.bitmap}" if record.bitmap else "-"
     kind = ("  " if record.depth else "") + record.kind
-    cells = (str(number), str(record.offset), when, record.section or "-", kind, bitmap)
+    cells = (str(number), f"{record.offset:#x}", when, record.section or "-", kind, bitmap)
     parts = []
     for (_, width), cell in zip(COLUMNS, cells, strict=True):
         parts.append(cell[:width].ljust(width) if len(cell) <= width else cell[: width - 1] + "…")
