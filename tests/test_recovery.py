@@ -490,3 +490,49 @@ def test_gap_that_swallowed_the_start_section(tmp_path: Path) -> None:
     assert len(hashed) == 4
     for bitmap in hashed:
         assert bitmap["start_missed"] and bitmap["sha256"] in _matching_truth(bitmap, truth)
+
+
+# --- a fresh real migration ----------------------------------------------------------
+
+
+@pytest.mark.qemu
+def test_fresh_qemu10_capture_late_start_and_idle_gap(tmp_path: Path) -> None:
+    """The same two cuts on a capture the suite makes itself with QEMU 10.0."""
+    from testkit.realqemu.harness import PRESETS, run_migration
+    from testkit.require import require_qemu, require_root, require_tools
+
+    require_tools("tcpdump")
+    require_root()
+    build = require_qemu("10.0")
+    result = run_migration(PRESETS["precopy"], tmp_path, source=build, dest=build)
+    assert result.pcap is not None and result.port is not None
+    truth = result.ground_truth["bitmaps"]
+    late = tmp_path / "late.pcap"
+    drop_flow_bytes(result.pcap, late, result.port, 0, LATE)
+    rebuilt = _analyze(late)
+    assert "missed-start" in _codes(rebuilt)
+    hashed = [b for b in rebuilt["bitmaps"] if b["granularity"] is not None]
+    assert len(hashed) >= 2
+    for bitmap in rebuilt["bitmaps"]:
+        if bitmap["granularity"] is None:
+            assert bitmap["sha256"] is None
+        else:
+            assert bitmap["sha256"] in _matching_truth(bitmap, truth)
+    # A hole in the idle iterations: after the second RAM part, before the BITS.
+    from migshark.analyzer.decode.stream import decode_bytes
+    from testkit.realqemu.harness import read_tcp_flow
+
+    stream = read_tcp_flow(result.pcap, result.port).to_server
+    events = decode_bytes(stream)
+    low = [e.offset for e in events if isinstance(e, Record) and e.kind == "section-part"
+           and e.section == "ram"][1]
+    end = next(e.offset for e in events if isinstance(e, Record) and e.kind == "section-end"
+               and e.section == "dirty-bitmap")
+    idle = [e.offset for e in events if isinstance(e, Record) and e.kind == "bitmap-eos"
+            and low < e.offset < end]
+    lo, hi = idle[len(idle) // 3], idle[2 * len(idle) // 3]
+    gapped = write_pcap(tmp_path / "gap.pcap", _resent_with_hole(stream, lo, hi, 4444))
+    exact = _analyze(gapped)
+    assert "capture-gap" in _codes(exact)
+    assert {(b["node"], b["name"]): b["sha256"] for b in exact["bitmaps"]} == {
+        (t["node"], t["name"]): t["sha256"] for t in truth}
