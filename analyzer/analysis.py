@@ -28,6 +28,7 @@ from migshark.analyzer.capture import (
     TcpReassembler,
     sniff_format,
 )
+from migshark.analyzer.decode.resync import SIGNATURE_LOOKAHEAD, find_migration_records
 from migshark.analyzer.decoder import StreamDecoder
 from migshark.analyzer.fastpath import pump_capture
 from migshark.analyzer.findings import Code
@@ -39,6 +40,9 @@ if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
     from migshark.analyzer.mapping import BitmapMapping
 
 RAW_CHUNK = 1 << 20
+# How many bytes of a flow that does not start with QEVM are searched for migration
+# records (a capture that began mid-migration) before it is judged not to be one.
+SNIFF_LIMIT = 64 << 20
 
 EventSink = Callable[["MigrationStream", Event], None]
 
@@ -229,15 +233,37 @@ def _analyze_raw(path: str, options: AnalysisOptions, sink: EventSink | None) ->
     except OSError as error:
         raise InputError(f"{path}: {error.strerror or error}") from None
     with handle:
+        mid_stream = None
         if size < 4 or handle.read(4) != QEVM_MAGIC:
-            raise InputError(f"{path}: neither a pcap/pcapng capture nor a QEVM migration stream")
+            # Perhaps a stream cut after its start: a migration by its records.
+            handle.seek(0)
+            mid_stream = _find_records_in_file(handle)
+            if mid_stream is None:
+                raise InputError(
+                    f"{path}: neither a pcap/pcapng capture nor a QEVM migration stream")
         if options.vmdesc is None:
             options.vmdesc = find_vmdescription(handle, size)
         stream = MigrationStream(Path(path).name, options, sink)
+        if mid_stream is not None:
+            stream.decoder.start_mid_stream(mid_stream)
+            handle.seek(mid_stream)
+        else:
+            handle.seek(0)
         while chunk := handle.read(RAW_CHUNK):
             stream.feed(chunk)
         stream.finish()
     return AnalysisResult(path, "raw", [stream])
+
+
+def _find_records_in_file(handle: Any) -> int | None:
+    """Where migration records start in the first SNIFF_LIMIT bytes of a raw file
+    that does not start with QEVM (None: nowhere)."""
+    sniffer = _Sniffer(0)
+    while sniffer.searched < SNIFF_LIMIT and (chunk := handle.read(RAW_CHUNK)):
+        found = sniffer.search(chunk)
+        if found is not None:
+            return found[0]
+    return None
 
 
 def find_vmdescription(handle: Any, size: int) -> dict[str, Any] | None:
@@ -297,11 +323,38 @@ def _analyze_capture(path: str, kind: str, options: AnalysisOptions, sink: Event
     return AnalysisResult(path, kind, demux.streams, input_findings)
 
 
+class _Sniffer(Fields):
+    """The search of one flow for migration records: the bytes kept across segment
+    boundaries, where they start in the flow, and how much was searched."""
+
+    _fields = ("carry", "carry_offset", "searched")
+
+    def __init__(self, carry_offset: int) -> None:
+        self.carry = b""
+        self.carry_offset = carry_offset
+        self.searched = 0
+
+    def search(self, data: bytes | memoryview) -> tuple[int, bytes] | None:
+        """Where in the flow migration records start, and the bytes from there on
+        (None: not in what arrived so far)."""
+        window = self.carry + bytes(data)
+        found = find_migration_records(window)
+        if found is not None:
+            return self.carry_offset + found, window[found:]
+        self.searched += len(data)
+        keep = min(len(window), SIGNATURE_LOOKAHEAD)
+        self.carry_offset += len(window) - keep
+        self.carry = window[len(window) - keep :]
+        return None
+
+
 class CaptureDemux:
     """Feeds TCP segments through reassembly to one MigrationStream per migration flow.
 
-    A flow is a migration when its first bytes are QEVM, or when its destination
-    port is the one asked for. Used by offline analysis and by live capture.
+    A flow is a migration when its first bytes are QEVM, when its destination port is
+    the one asked for, or (no port asked for) when migration records turn up in its
+    first SNIFF_LIMIT bytes: a capture that began after the migration did.
+    Used by offline analysis and by live capture.
     """
 
     def __init__(self, options: AnalysisOptions, sink: EventSink | None = None) -> None:
@@ -312,6 +365,7 @@ class CaptureDemux:
         self._by_flow: dict[FlowKey, MigrationStream] = {}
         self._pending: dict[FlowKey, bytearray] = {}
         self._ignored: set[FlowKey] = set()
+        self._sniffing: dict[FlowKey, _Sniffer] = {}
         self.on_stream_end: Callable[[MigrationStream], None] | None = None
 
     def stream_of(self, flow: FlowKey) -> MigrationStream | None:
@@ -346,6 +400,19 @@ class CaptureDemux:
         self.streams.append(stream)
         return stream
 
+    def _sniff(self, flow: FlowKey, sniffer: _Sniffer, data: bytes | memoryview,
+               timestamp: float) -> None:
+        found = sniffer.search(data)
+        if found is not None:
+            del self._sniffing[flow]
+            offset, rest = found
+            stream = self._start(flow)
+            stream.decoder.start_mid_stream(offset)
+            stream.feed(rest, timestamp)
+        elif sniffer.searched >= SNIFF_LIMIT:
+            del self._sniffing[flow]
+            self._ignored.add(flow)
+
     def _end(self, stream: MigrationStream) -> None:
         stream.finish()
         if self.on_stream_end is not None:
@@ -360,13 +427,20 @@ class CaptureDemux:
                 return
             if flow in self._ignored:
                 return
+            sniffer = self._sniffing.get(flow)
+            if sniffer is not None:
+                self._sniff(flow, sniffer, event.data, event.timestamp)
+                return
             pending = self._pending.setdefault(flow, bytearray())
             if event.offset != len(pending):
-                # The flow's start is missing; only --port can claim it.
+                # The flow's start is missing: --port claims it, else its records may.
                 if self.options.port is not None and flow.dport == self.options.port:
                     stream = self._start(flow)
                     stream.gap(event.offset - len(pending), event.timestamp)
                     stream.feed(event.data, event.timestamp)
+                elif self.options.port is None:
+                    sniffer = self._sniffing[flow] = _Sniffer(event.offset)
+                    self._sniff(flow, sniffer, event.data, event.timestamp)
                 else:
                     self._ignored.add(flow)
                 self._pending.pop(flow, None)
@@ -379,6 +453,9 @@ class CaptureDemux:
             by_magic = self.options.port is None and pending[:4] == QEVM_MAGIC
             if by_port or by_magic:
                 self._start(flow).feed(bytes(pending), event.timestamp)
+            elif self.options.port is None:
+                sniffer = self._sniffing[flow] = _Sniffer(0)
+                self._sniff(flow, sniffer, bytes(pending), event.timestamp)
             else:
                 self._ignored.add(flow)
         elif isinstance(event, StreamGap):

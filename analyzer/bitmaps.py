@@ -28,6 +28,11 @@ if TYPE_CHECKING:  # only for --bitmap-mapping, loaded by the CLI when given
 MAX_BITMAP_BYTES = 64 << 20
 
 SECTOR = g.SECTOR_SIZE
+# The node or bitmap name of records whose naming record the capture missed.
+NOT_CAPTURED = "(not captured)"
+# BITS records held for a bitmap whose START is missing, until its granularity is
+# known: a million chunks is a 4 TiB disk at 512-byte granularity.
+MAX_STARTLESS_CHUNKS = 1 << 20
 _EOS = int(g.BitmapFlag.EOS)  # a plain int: IntFlag arithmetic per record adds up
 
 
@@ -150,7 +155,8 @@ class Dialect(StrEnum):
 class BitmapState(Fields):
     _fields = ("node", "name", "first_offset", "granularity", "bitmap_flags", "started_at",
                "completed_at", "words", "coverage", "chunks", "zero_chunks", "unusable",
-               "real_node", "real_name", "disk_end", "disk_end_source")
+               "real_node", "real_name", "disk_end", "disk_end_source", "gap_reason",
+               "coverage_since_gap", "startless_chunks", "granularity_fits")
 
     def __init__(self, node: str, name: str, first_offset: int, granularity: int | None = None,
                  bitmap_flags: int | None = None, started_at: int | None = None,
@@ -176,6 +182,14 @@ class BitmapState(Fields):
         self.real_name = real_name
         self.disk_end = disk_end  # sectors, once known
         self.disk_end_source = disk_end_source
+        # A capture gap while the bitmap was in transit; cleared in effect when the
+        # chunks received after it cover the whole disk (docs/capture.md).
+        self.gap_reason: str | None = None
+        self.coverage_since_gap: list[list[int]] = []
+        # A bitmap whose START the capture missed: its BITS records, kept until its
+        # granularity can be inferred from them (None: it had a START).
+        self.startless_chunks: list[Record | None] | None = None
+        self.granularity_fits: list[int] = []
 
     @property
     def end_sector(self) -> int:
@@ -185,23 +199,17 @@ class BitmapState(Fields):
         return len(self.coverage) == 1 and self.coverage[0][0] == 0
 
     def add_coverage(self, start: int, end: int) -> bool:
-        """Merge [start, end); returns True when it overlapped what was there.
+        """Merge [start, end); returns True when it overlapped what was there."""
+        if self.gap_reason is not None:
+            _merge(self.coverage_since_gap, start, end)
+        return _merge(self.coverage, start, end)
 
-        Binary search keeps a hostile stream of many scattered chunks from turning
-        this into quadratic work."""
-        coverage = self.coverage
-        # The first span that could touch [start, end): its end is >= start.
-        lo_index = bisect.bisect_left(coverage, start, key=lambda span: span[1])
-        hi_index = lo_index
-        overlapped = False
-        while hi_index < len(coverage) and coverage[hi_index][0] <= end:
-            lo, hi = coverage[hi_index]
-            if lo < end and start < hi:
-                overlapped = True
-            start, end = min(lo, start), max(hi, end)
-            hi_index += 1
-        coverage[lo_index:hi_index] = [[start, end]]
-        return overlapped
+    def gap_recovered(self) -> bool:
+        """Whether the chunks received since the last gap rewrote every word: they
+        cover sector 0 to the end of every chunk seen (and of the disk, when known)."""
+        since = self.coverage_since_gap
+        end = max(self.end_sector, self.disk_end or 0)
+        return len(since) == 1 and since[0][0] == 0 and since[0][1] >= end
 
     def granules(self) -> int:
         assert self.granularity
@@ -221,8 +229,9 @@ class BitmapState(Fields):
         covered = self.covered_from_zero()
         sha = dirty = None
         reason = self.unusable
+        startless = self.startless_chunks is not None
         if reason is None:
-            if self.started_at is None:
+            if self.started_at is None and not startless:
                 reason = "no START record"
             elif not complete:
                 reason = "no COMPLETE record"
@@ -230,6 +239,13 @@ class BitmapState(Fields):
                 reason = "no BITS records, so the disk size is unknown"
             elif not covered:
                 reason = "some sectors never arrived"
+            elif self.gap_reason is not None and not self.gap_recovered():
+                reason = (f"{self.gap_reason}, and the chunks received after it do not "
+                          "cover the whole disk")
+            elif self.granularity is None:
+                reason = ("the capture missed its START and the chunk sizes do not pin "
+                          "the granularity down (values that fit: "
+                          f"{describe_fits(self.granularity_fits)})")
         if reason is None and self.granularity:
             size = self.serialized_size()
             if size > MAX_BITMAP_BYTES:
@@ -240,14 +256,15 @@ class BitmapState(Fields):
                     digest.update(piece)
                 sha = digest.hexdigest()
                 dirty = self.words.bit_count(size) * self.granularity
-        return {
+        result: dict[str, Any] = {
             "node": self.node,
             "name": self.name,
             "real_node": self.real_node or self.node,
             "real_name": self.real_name or self.name,
             "granularity": self.granularity,
-            "enabled": bool(flags & g.BitmapStartFlag.ENABLED),
-            "persistent": bool(flags & g.BitmapStartFlag.PERSISTENT),
+            # Only START carries the flags: without it they are unknown (null).
+            "enabled": None if startless else bool(flags & g.BitmapStartFlag.ENABLED),
+            "persistent": None if startless else bool(flags & g.BitmapStartFlag.PERSISTENT),
             "disk_size": self.end_sector * SECTOR if self.coverage else None,
             "dirty_bytes": dirty,
             "sha256": sha,
@@ -260,6 +277,11 @@ class BitmapState(Fields):
             "start_offset": self.started_at,
             "complete_offset": self.completed_at,
         }
+        if startless:
+            # Keys only a START-less bitmap has, so other results stay as they were.
+            result["start_missed"] = True
+            result["granularity_fits"] = list(self.granularity_fits)
+        return result
 
 
 class BitmapTracker:
@@ -279,6 +301,11 @@ class BitmapTracker:
         # QEMU reports each of these once and then ignores the bitmap stream, so a
         # name that is wrong in every record is reported where it first appears.
         self._reported: set[tuple[str, str, str]] = set()
+        # What the capture missed (its start, or bytes in a gap), once it has: from
+        # then on BITS or COMPLETE without a START is a bitmap to rebuild, not an error.
+        self._missed: str | None = None
+        # Buffer bytes held per START-less bitmap, bounded like a reconstruction.
+        self._startless_bytes: dict[tuple[str, str], int] = {}
 
     def consume(self, event: Event) -> list[Finding]:
         if isinstance(event, Finding):
@@ -288,9 +315,11 @@ class BitmapTracker:
             # records, which coverage checks report. A hole inside the dirty-bitmap
             # payload itself, or where the decoder did not know its place, may have
             # swallowed records of any bitmap in transit.
-            if (event.code == Code.CAPTURE_GAP
-                    and not event.fields.get("inside_skipped_data", False)
-                    and event.section in (None, g.DIRTY_BITMAP_SECTION_IDSTR)):
+            lost = event.code == Code.CAPTURE_GAP and not event.fields.get(
+                "inside_skipped_data", False)
+            if event.code == Code.MISSED_START or lost:
+                self._missed = self._missed or f"{event.code} at {event.offset:#x}"
+            if lost and event.section in (None, g.DIRTY_BITMAP_SECTION_IDSTR):
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
             return []
         kind = event.kind
@@ -307,19 +336,25 @@ class BitmapTracker:
             found += self._check_bitmap_alias(event)
         if nothing:
             return found
-        if event.node is None:
+        node, bitmap = event.node, event.bitmap
+        if self._missed is not None:
+            # The record that named them may be what the capture missed (QEMU names a
+            # device only when it changes, even across sections).
+            node = NOT_CAPTURED if node is None else node
+            bitmap = NOT_CAPTURED if bitmap is None else bitmap
+        if node is None:
             found += self._once(Code.NO_DEVICE_NAME, "", event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a device; QEMU: 'Error: block device name is not set'")
             return found
-        if event.bitmap is None:
-            found += self._once(Code.NO_BITMAP_NAME, event.node, event,
+        if bitmap is None:
+            found += self._once(Code.NO_BITMAP_NAME, node, event,
                                 f"{kind} record (flags {flags:#04x}) before any record named "
                                 "a bitmap; QEMU: 'Error: block device name is not set' (sic)")
             return found
         if kind in (Kind.BITMAP_EOS, Kind.BITMAP_EMPTY):
             return found
-        key = (event.node, event.bitmap)
+        key = (node, bitmap)
         if kind == Kind.BITMAP_START:
             found += self._start(key, event)
         elif kind == Kind.BITMAP_BITS:
@@ -331,6 +366,8 @@ class BitmapTracker:
     def finish(self, end_offset: int) -> list[Finding]:
         found = []
         for state in self.bitmaps.values():
+            if state.startless_chunks is not None and state.completed_at is None:
+                found += self._rebuild_startless(state, None)
             if state.started_at is not None and state.completed_at is None:
                 found.append(findings.make(
                     Code.INCOMPLETE_BITMAP,
@@ -356,9 +393,16 @@ class BitmapTracker:
         return [self._finding(code, record, message)]
 
     def _damage(self, why: str) -> None:
+        """A gap may have swallowed records of every bitmap in transit: each one is
+        exact again only if the chunks that follow rewrite all of it."""
         for state in self.bitmaps.values():
-            if state.started_at is not None and state.completed_at is None and not state.unusable:
-                state.unusable = why
+            in_transit = state.started_at is not None or state.startless_chunks is not None
+            if in_transit and state.completed_at is None and not state.unusable:
+                if state.startless_chunks is not None:
+                    # Replayed in order once the granularity is known: mark the place.
+                    state.startless_chunks.append(None)
+                state.gap_reason = why
+                state.coverage_since_gap = []
 
     def _state(self, key: tuple[str, str], record: Record) -> BitmapState:
         state = self.bitmaps.get(key)
@@ -503,6 +547,8 @@ class BitmapTracker:
         found: list[Finding] = []
         label = f"{key[0]}/{key[1]}"
         state = self.bitmaps.get(key)
+        if self._missed is not None and (state is None or state.startless_chunks is not None):
+            return self._keep_startless(key, record)
         if state is None or state.started_at is None:
             # On a node QEMU could not find it stopped there (unknown-node); there is
             # no bitmap lookup to fail.
@@ -518,6 +564,13 @@ class BitmapTracker:
             found.append(self._finding(
                 Code.BITS_AFTER_COMPLETE, record,
                 f"BITS for {label} after its COMPLETE at {state.completed_at:#x}"))
+        return found + self._apply_bits(state, record)
+
+    def _apply_bits(self, state: BitmapState, record: Record) -> list[Finding]:
+        """Write one BITS record into a bitmap whose granularity is known."""
+        found: list[Finding] = []
+        key = (state.node, state.name)
+        label = f"{key[0]}/{key[1]}"
         if state.granularity is None:
             return found
         first = record.fields["first_sector"]
@@ -582,6 +635,85 @@ class BitmapTracker:
         state.words.write(first_word * 8, buffer[:needed])
         return found
 
+    def _keep_startless(self, key: tuple[str, str], record: Record) -> list[Finding]:
+        """Hold a BITS record of a bitmap whose START the capture missed: what it
+        means depends on the granularity, inferred once all its chunks are in."""
+        state = self.bitmaps.get(key)
+        if state is None:
+            state = self._state(key, record)
+            state.startless_chunks = []
+        chunks = state.startless_chunks
+        assert chunks is not None
+        if state.completed_at is not None:
+            return [self._finding(
+                Code.BITS_AFTER_COMPLETE, record,
+                f"BITS for {key[0]}/{key[1]} after its COMPLETE at {state.completed_at:#x}")]
+        if len(chunks) >= MAX_STARTLESS_CHUNKS:
+            state.unusable = f"more than {MAX_STARTLESS_CHUNKS} chunks held without START"
+            return []
+        buffer = record.fields.get("buffer")
+        if buffer is not None:
+            kept = self._startless_bytes.get(key, 0) + len(buffer)
+            if kept > MAX_BITMAP_BYTES:
+                state.unusable = f"bitmap larger than {MAX_BITMAP_BYTES} bytes"
+                return []
+            self._startless_bytes[key] = kept
+        # The decoder's record may point into a capture mapping that moves on.
+        fields = dict(record.fields)
+        if buffer is not None:
+            fields["buffer"] = bytes(buffer)
+        chunks.append(Record(record.offset, record.length, record.kind, record.section,
+                             record.section_id, fields, record.depth, record.node,
+                             record.bitmap, record.timestamp, None))
+        return []
+
+    def _rebuild_startless(self, state: BitmapState, complete: Record | None) -> list[Finding]:
+        """Infer the granularity of a START-less bitmap from its chunks, then replay
+        them as if START had said so; the finding says what the capture missed."""
+        chunks = state.startless_chunks or []
+        fits = granularities_fitting([chunk for chunk in chunks if chunk is not None])
+        known = self._destination_has((state.node, state.name))
+        label = f"{state.node}/{state.name}"
+        if known is not None and (known in fits or not fits):
+            fits, source = [known], "the destination's bitmap"
+        else:
+            source = "the chunk sizes"
+        state.granularity_fits = fits
+        offset = complete.offset if complete is not None else state.first_offset
+        found = [findings.make(
+            Code.BITMAP_WITHOUT_START,
+            f"the capture has no START for {label} ({self._missed}); "
+            + (f"granularity {fits[0]} from {source}" if len(fits) == 1 else
+               f"the chunk sizes fit granularities {describe_fits(fits)}, so no hash is given")
+            + "; its enabled and persistent flags are unknown",
+            offset, section=g.DIRTY_BITMAP_SECTION_IDSTR, node=state.node, bitmap=state.name,
+            fields={"granularity_fits": fits})]
+        if len(fits) != 1:
+            # The sectors a chunk covers do not depend on the granularity: the disk
+            # size and the coverage are still known.
+            for chunk in chunks:
+                if chunk is not None and chunk.fields["sector_count"]:
+                    first = chunk.fields["first_sector"]
+                    state.add_coverage(first, first + chunk.fields["sector_count"])
+            return found
+        state.granularity = fits[0]
+        gap_reason = state.gap_reason
+        state.gap_reason = None
+        for chunk in chunks:
+            if chunk is None:
+                state.gap_reason = gap_reason
+                state.coverage_since_gap = []
+                continue
+            found += self._apply_bits(state, chunk)
+        if complete is not None and state.coverage and not state.covered_from_zero():
+            holes = _holes(state.coverage)
+            found.append(self._finding(
+                Code.COVERAGE_GAP, complete,
+                f"COMPLETE for {label} while sectors never arrived: "
+                + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
+                + (" ..." if len(holes) > 5 else "")))
+        return found
+
     def _check_disk_end(self, state: BitmapState, record: Record, first: int, count: int,
                         label: str) -> list[Finding]:
         """Where the disk ends: the destination's node size when known, else the end of
@@ -613,6 +745,16 @@ class BitmapTracker:
     def _complete(self, key: tuple[str, str], record: Record) -> list[Finding]:
         label = f"{key[0]}/{key[1]}"
         state = self.bitmaps.get(key)
+        if self._missed is not None and (state is None or state.startless_chunks is not None):
+            if state is None:
+                state = self._state(key, record)
+                state.startless_chunks = []
+            if state.completed_at is not None:
+                return [self._finding(
+                    Code.BITS_AFTER_COMPLETE, record,
+                    f"second COMPLETE for {label} (first at {state.completed_at:#x})")]
+            state.completed_at = record.offset
+            return self._rebuild_startless(state, record)
         if state is None or state.started_at is None:
             if self._real_node(key[0]) is None:
                 return []  # reported as unknown-node where the name appeared
@@ -640,6 +782,63 @@ class BitmapTracker:
                 + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
                 + (" ..." if len(holes) > 5 else "")))
         return found
+
+
+def describe_fits(fits: list[int]) -> str:
+    """Granularities for a message: a run of consecutive powers of two as a range."""
+    if not fits:
+        return "none"
+    if len(fits) > 2 and all(b == 2 * a for a, b in zip(fits, fits[1:], strict=False)):
+        return f"every power of two from {fits[0]} to {fits[-1]}"
+    return ", ".join(str(value) for value in fits)
+
+
+def granularities_fitting(chunks: list[Record]) -> list[int]:
+    """The granularities a bitmap's BITS records allow, as QEMU's sender makes them:
+    chunks of 8192 granules starting at multiples of that, the last one (only) shorter,
+    each buffer the serialisation size of its range rounded up to 32 bytes."""
+    ranged = [chunk for chunk in chunks if chunk.fields["sector_count"]]
+    if not ranged:
+        return []
+    last_first = max(chunk.fields["first_sector"] for chunk in ranged)
+    fits = []
+    granularity = g.MIN_GRANULARITY
+    while granularity <= g.MAX_GRANULARITY:
+        full = g.BITMAP_GRANULES_PER_CHUNK * granularity // SECTOR
+        for chunk in ranged:
+            first, count = chunk.fields["first_sector"], chunk.fields["sector_count"]
+            if first % full or count > full or (count < full and first != last_first):
+                break
+            if not chunk.fields.get("zeroes"):
+                first_granule = first * SECTOR // granularity
+                last_granule = ((first + count) * SECTOR - 1) // granularity
+                needed = (last_granule // 64 - first_granule // 64 + 1) * 8
+                size = chunk.fields["buffer_size"]
+                if needed > size or size > _align_up(needed, g.BITMAP_BUFFER_ALIGN):
+                    break
+        else:
+            fits.append(granularity)
+        granularity <<= 1
+    return fits
+
+
+def _merge(coverage: list[list[int]], start: int, end: int) -> bool:
+    """Merge [start, end) into sorted disjoint spans; True when it overlapped them.
+
+    Binary search keeps a hostile stream of many scattered chunks from turning
+    this into quadratic work."""
+    # The first span that could touch [start, end): its end is >= start.
+    lo_index = bisect.bisect_left(coverage, start, key=lambda span: span[1])
+    hi_index = lo_index
+    overlapped = False
+    while hi_index < len(coverage) and coverage[hi_index][0] <= end:
+        lo, hi = coverage[hi_index]
+        if lo < end and start < hi:
+            overlapped = True
+        start, end = min(lo, start), max(hi, end)
+        hi_index += 1
+    coverage[lo_index:hi_index] = [[start, end]]
+    return overlapped
 
 
 def _valid_granularity(value: int) -> bool:

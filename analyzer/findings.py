@@ -60,6 +60,8 @@ class Code(StrEnum):
     AUTOLOAD_FLAG = "autoload-flag"
     PHASE = "phase"
     RESYNCHRONISED = "resynchronised"
+    MISSED_START = "missed-start"
+    BITMAP_WITHOUT_START = "bitmap-without-start"
     NO_FOOTER_WALK = "no-footer-walk"
 
 
@@ -263,6 +265,16 @@ CATALOGUE: dict[Code, FindingKind] = {
         FindingKind(Code.PHASE, N,
                     "The migration entered a new phase: setup, iteration, completion, "
                     "postcopy-listen or postcopy-run.", "-", ""),
+        FindingKind(Code.MISSED_START, W,
+                    "The capture began after the migration did: the stream header and the "
+                    "records before the first one recognised are not in it.",
+                    "Not a QEMU error: the capture, not the migration, missed them."),
+        FindingKind(Code.BITMAP_WITHOUT_START, W,
+                    "A bitmap's START record is not in the capture; it is rebuilt from its "
+                    "BITS and COMPLETE with the granularity the chunk sizes (or the "
+                    "destination) allow, and no hash when more than one fits. Its enabled "
+                    "and persistent flags are unknown.",
+                    "Not a QEMU error: the capture, not the migration, missed START."),
         FindingKind(Code.RESYNCHRONISED, N,
                     "The decoder skipped N bytes to find the next recognisable item.",
                     "-", ""),

@@ -307,7 +307,8 @@ def _format_bitmaps(bitmaps: list[dict[str, Any]]) -> list[str]:
         out.append(f"    {'node/name':<28} {'granularity':>11} {'flags':<6} {'disk size':>14} "
                    f"{'dirty bytes':>14}  {'status':<13} sha256")
     for bitmap in bitmaps:
-        flags = ("E" if bitmap["enabled"] else "-") + ("P" if bitmap["persistent"] else "-")
+        flags = ("??" if bitmap["enabled"] is None  # no START in the capture: unknown
+                 else ("E" if bitmap["enabled"] else "-") + ("P" if bitmap["persistent"] else "-"))
         label = f"{bitmap['node']}/{bitmap['name']}"
         if (bitmap["real_node"], bitmap["real_name"]) != (bitmap["node"], bitmap["name"]):
             label += f" (= {bitmap['real_node']}/{bitmap['real_name']})"

@@ -73,6 +73,10 @@ class FramingMachine(EventQueue):
         self._all_dissectors = [*self._dissectors.values(), self._fallback]
         self.dissector: SectionDissector = self._fallback  # of the payload being read
         self.resync = Resynchroniser(self)
+        # Set when the stream's start is not in the data: PART/END headers of ids no
+        # START named are then judged by their payload (resync.guess_section).
+        self.learning = False
+        self._missed_start_reported = False
         self._readers: dict[State, Reader] = {
             State.HEADER: self._read_header,
             State.ITEM: self._read_item,
@@ -188,6 +192,32 @@ class FramingMachine(EventQueue):
         self.set_state(State.RESYNC)
         self.current = None
 
+    def start_mid_stream(self, at: int = 0) -> None:
+        """The data begins somewhere inside a stream (a capture that started after the
+        connection did), `at` bytes after the first byte seen of it: no header to
+        read; find the first recognisable item."""
+        self.learning = True
+        self._report_missed_start(0, "the capture began after the migration did")
+        if at:
+            self.rb.lose(at)  # seen, and judged not to be migration records
+        self.enter_resync(0)
+
+    def learn_section(self, section: Section, offset: int) -> None:
+        """A section the capture never saw the START of, recognised by its payload."""
+        self.sections[section.section_id] = section
+        self._report_missed_start(offset, "the stream does not start with QEVM")
+
+    def _report_missed_start(self, offset: int, why: str) -> None:
+        if self._missed_start_reported:
+            return
+        self._missed_start_reported = True
+        self.emit(findings.make(
+            Code.MISSED_START,
+            f"{why}: the stream header, the configuration, every section START (so the "
+            "dirty-bitmap START records with their granularities and flags) and the "
+            "setup-phase records are not in the data; sections are recognised by their "
+            "records", offset, fields={"reason": why}))
+
     def phase(self, name: str, offset: int) -> None:
         if name in self._phases:
             return
@@ -224,6 +254,8 @@ class FramingMachine(EventQueue):
             self.emit(findings.make(
                 Code.BAD_MAGIC, f"stream starts with {magic!r}, not b'QEVM'", 0, length=4,
                 fields={"magic": magic.hex()}))
+            # Maybe the data begins mid-stream (a cut file): learn sections by payload.
+            self.learning = True
             self.enter_resync(0)
             return None
         version = g.FileHeader.parse(raw).version

@@ -20,6 +20,7 @@ from construct import ConstructError
 
 from migshark.analyzer import findings
 from migshark.analyzer.decode.parsers import GrammarParser
+from migshark.analyzer.decode.resync import guess_section
 from migshark.analyzer.decode.state import NeedMore, Section, State
 from migshark.analyzer.findings import Code
 from migshark.dissectors import grammar as g
@@ -235,6 +236,14 @@ def read_section_header_short(machine: FramingMachine) -> NeedMore | None:
     (section_id,) = _SECTION_SHORT.unpack_from(rb.data, rb.pos + 1)
     item_type = rb.data[rb.pos]
     section = machine.sections.get(section_id)
+    if section is None and machine.learning:
+        guessed = guess_section(machine, rb.pos, rb.pos + machine.available())
+        if guessed is None:
+            return machine.short(machine.available() + 1, "a section header")
+        if guessed:
+            assert isinstance(guessed, Section)
+            machine.learn_section(guessed, machine.item_start)
+            section = guessed
     kind = Kind.SECTION_PART if item_type == _SECTION_PART else Kind.SECTION_END
     start = machine.item_start
     spans = (("item_type", start, 1), ("section_id", start + 1, 4))

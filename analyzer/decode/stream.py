@@ -113,6 +113,10 @@ class StreamDecoder(FramingMachine):
             return self._drain()
         rb = self.rb
         gap_start = self.offset
+        if self.state is State.HEADER and not gap_start:
+            # Nothing before the hole: the capture began after the stream did.
+            self.start_mid_stream(length)
+            return self._drain()
         if rb.skip >= length:
             # The hole lies inside page data or a buffer we were skipping anyway:
             # decoding continues exactly, only the skipped bytes are unknown.
@@ -135,6 +139,8 @@ class StreamDecoder(FramingMachine):
             fields={"length": length, "inside_skipped_data": False}))
         for dissector in self._all_dissectors:
             dissector.interrupted(gap_start)
+        # The hole may have held a section's START: learn its id from its payload.
+        self.learning = True
         self._release_deferred()
         rb.lose(length)
         self.package_end = None
