@@ -306,6 +306,9 @@ class BitmapTracker:
         self._missed: str | None = None
         # Buffer bytes held per START-less bitmap, bounded like a reconstruction.
         self._startless_bytes: dict[tuple[str, str], int] = {}
+        # Where a destination's dirty_bitmap_load() fails for good: no bitmap that was
+        # not complete by then reaches it, whatever the source sends afterwards.
+        self._load_failed: str | None = None
 
     def consume(self, event: Event) -> list[Finding]:
         if isinstance(event, Finding):
@@ -321,6 +324,14 @@ class BitmapTracker:
                 self._missed = self._missed or f"{event.code} at {event.offset:#x}"
             if lost and event.section in (None, g.DIRTY_BITMAP_SECTION_IDSTR):
                 self._damage(f"{event.code} at {event.offset:#x} while it was in transit")
+            if event.code == Code.MISSING_EOS and self._load_failed is None:
+                # Without EOS QEMU reads the footer as the next record's flags and
+                # fails the load there ("Unable to read node alias string").
+                self._load_failed = (f"{event.code} at {event.offset:#x}: a destination "
+                                     "fails the load there")
+                for state in self.bitmaps.values():
+                    if state.completed_at is None and state.unusable is None:
+                        state.unusable = self._load_failed
             return []
         kind = event.kind
         if kind not in BITMAP_KINDS:
@@ -407,7 +418,8 @@ class BitmapTracker:
     def _state(self, key: tuple[str, str], record: Record) -> BitmapState:
         state = self.bitmaps.get(key)
         if state is None:
-            state = BitmapState(node=key[0], name=key[1], first_offset=record.offset)
+            state = BitmapState(node=key[0], name=key[1], first_offset=record.offset,
+                                unusable=self._load_failed)
             real = self.aliases.get(key)
             if real:
                 state.real_node, state.real_name = real
