@@ -65,12 +65,17 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str],
          "--no-build-isolation", "-w", wheels, source, cwd=root, env=env)
     (wheel,) = wheels.glob("migshark-*.whl")
     venv = root / "venv"
-    # No pip of its own (seconds saved): the system's pip, visible through the
-    # system site-packages, installs into the venv it is run from.
-    _run(sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv,
-         cwd=root, env=env)
+    # No pip of its own (seconds saved). The test run's own site-packages, with pip and
+    # migshark's dependencies, is put on the venv's path by a .pth file: unlike
+    # --system-site-packages this also holds when the test run is itself in a venv
+    # (Debian's python3 through scripts/venv), whose packages are not the system's.
+    # Only site directories have their .pth files run, so the checkout's editable
+    # finder does not come along.
+    _run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=root, env=env)
     site = _venv_site_packages(venv)
-    before = {p.name for p in site.iterdir()} if site.exists() else set()
+    outer = dict.fromkeys([sysconfig.get_path("purelib"), sysconfig.get_path("platlib")])
+    (site / "outer-site-packages.pth").write_text("".join(f"{p}\n" for p in outer))
+    before = {p.name for p in site.iterdir()}
     _run(venv / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps",
          "--no-index", wheel, cwd=root, env=env)
     after = {p.name for p in site.iterdir()}
