@@ -12,7 +12,7 @@ from the caller (the CLI passes analyzer.findings' catalogue) as `ExpertSource`s
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
@@ -32,7 +32,7 @@ EXPERT_CODES = (
     "bad-magic", "bad-version", "unknown-item", "truncated", "footer-mismatch",
     "unknown-section", "bad-section-version", "missing-eos", "invalid-granularity",
     "reserved-start-flags", "buffer-too-large", "unknown-flags", "multibyte-flags",
-    "autoload-flag", "bad-packaged", "bad-command",
+    "autoload-flag", "bad-packaged", "bad-command", "capture-gap",
 )
 
 # Wireshark's expert severities for the catalogue's (analyzer.records.Severity values).

@@ -26,11 +26,24 @@ proto.prefs.port = Pref.uint("TCP port", 0,
   "Decode this TCP port as a migration stream (0: only by the QEVM magic)")
 
 local band, bor = bit32.band, bit32.bor
-local tcp_stream_field = Field.new("tcp.stream")
-local tcp_fin_field = Field.new("tcp.flags.fin")
 
--- conversations[tcp stream] = {state = running state, frames = {key -> state copy},
---                              src = "address:port" of the migration source}
+-- Bit names in bit order, so that the tree lists flag bits the same way every time.
+local function sorted_bits(names)
+  local bits = {}
+  for bit in pairs(names) do bits[#bits + 1] = bit end
+  table.sort(bits)
+  local out = {}
+  for i, bit in ipairs(bits) do out[i] = {bit, names[bit]} end
+  return out
+end
+local BITMAP_FLAG_BITS = sorted_bits(VALUES.bitmap_flags)
+local START_FLAG_BITS = sorted_bits(VALUES.start_flags)
+local tcp_fin_field = Field.new("tcp.flags.fin")
+local tcp_seq_field = Field.new("tcp.seq")
+local tcp_len_field = Field.new("tcp.len")
+
+-- conversations["src:port>dst:port" of the migration direction] =
+--   {state = running state, frames = {frame number:tvb length -> state at its start}}
 local conversations = {}
 -- Per-bitmap statistics for the menu: bitmaps["node/name"] = {records =, bytes =}
 local bitmap_stats = {}
@@ -96,14 +109,11 @@ local function need(ctx, pos, count)
   return true
 end
 
-local function flag_names(names, value)
-  local out = {}
-  for bit, name in pairs(names) do
-    if band(value, bit) ~= 0 then out[#out + 1] = {bit, name} end
-  end
-  table.sort(out, function(a, b) return a[1] < b[1] end)
+local function flag_names(bits, value)
   local joined = {}
-  for i, pair in ipairs(out) do joined[i] = pair[2] end
+  for _, pair in ipairs(bits) do
+    if band(value, pair[1]) ~= 0 then joined[#joined + 1] = pair[2] end
+  end
   return table.concat(joined, "|")
 end
 
@@ -342,7 +352,7 @@ function R.after_eof(ctx, pos)
   item:add(F["item"], ctx.tvb(pos, 1))
   item:add(F["vmdescription.length"], ctx.tvb(pos + 1, 4))
   if length > 0 then item:add(F["vmdescription.json"], ctx.tvb(pos + 5, length)) end
-  ctx.st.mode = "lost"
+  ctx.st.mode = "done"
   return 5 + length
 end
 
@@ -616,9 +626,9 @@ function R.bitmap(ctx, pos)
   local range = ctx.tvb(pos, length)
   local flags_range = ctx.tvb(pos + width - 1, 1)
   local flags_item = item:add(F["bitmap.flags"], flags_range, flags)
-  flags_item:append_text(" (" .. flag_names(VALUES.bitmap_flags, flags) .. ")")
-  for bit, bit_name in pairs(VALUES.bitmap_flags) do
-    local field = F["bitmap.flags." .. string.lower(bit_name)]
+  flags_item:append_text(" (" .. flag_names(BITMAP_FLAG_BITS, flags) .. ")")
+  for _, pair in ipairs(BITMAP_FLAG_BITS) do
+    local field = F["bitmap.flags." .. string.lower(pair[2])]
     if field then flags_item:add(field, flags_range) end
   end
   if width > 1 then
@@ -647,8 +657,8 @@ function R.bitmap(ctx, pos)
     local start_flags = u8(ctx, body + 4)
     local gran_item = item:add(F["bitmap.granularity"], ctx.tvb(body, 4))
     local start_item = item:add(F["bitmap.start_flags"], ctx.tvb(body + 4, 1))
-    for _, bit_name in pairs(VALUES.start_flags) do
-      local field = F["bitmap.start_flags." .. string.lower(bit_name)]
+    for _, pair in ipairs(START_FLAG_BITS) do
+      local field = F["bitmap.start_flags." .. string.lower(pair[2])]
       if field then start_item:add(field, ctx.tvb(body + 4, 1)) end
     end
     summary_parts[#summary_parts + 1] = string.format("granularity=%d bitmap_flags=%#04x",
@@ -698,6 +708,11 @@ function R.bitmap(ctx, pos)
   return length
 end
 
+function R.done(ctx, pos)
+  ctx.tree:add(proto, ctx.tvb(pos), "Bytes after the end of the stream")
+  return ctx.len - pos
+end
+
 function R.lost(ctx, pos)
   ctx.tree:add(proto, ctx.tvb(pos), "Undecoded migration data")
   return ctx.len - pos
@@ -730,6 +745,45 @@ local function set_info(pinfo, lines)
   end
 end
 
+-- Segments lost from the capture: TCP gives up the record it was reassembling and
+-- hands over the next segment alone. Where that record's length was known (a RAM
+-- page, whose bytes nobody needs), decoding goes on after it, as migshark does;
+-- elsewhere the rest of the stream is not decoded. Needs tcp.seq, which tshark's
+-- tree-less first pass (-2) does not fill in.
+local function stream_start_of(ctx, conv)
+  local seq, seg_len = tcp_seq_field(), tcp_len_field()
+  if seq == nil or seg_len == nil then return nil end
+  if conv.seq_base == nil then conv.seq_base = seq.value - ctx.st.offset end
+  if ctx.tvb:offset() == 0 then return nil end  -- reassembled: starts where we stopped
+  -- A part of this frame's segment: it ends where the segment ends. (After a loss,
+  -- TCP keeps the bytes up to the end of the record we asked for and hands over the
+  -- rest of the segment.)
+  local segment = (seq.value - conv.seq_base) % 4294967296
+  return segment + seg_len.value - ctx.len, segment
+end
+
+local function skip_gap(ctx, conv)
+  local st = ctx.st
+  local start, segment = stream_start_of(ctx, conv)
+  -- seen_end: the end of the bytes TCP has handed over (ours and those it held back).
+  if start == nil or st.seen_end == nil or segment <= st.seen_end then return 0 end
+  local lost = segment - st.seen_end
+  local item = ctx.tree:add(proto, ctx.tvb(0, 0), string.format(
+    "%d bytes of the stream missing from the capture", lost))
+  expert(item, "capture-gap", string.format("%d bytes missing at stream offset %d",
+         lost, st.seen_end))
+  local pending_end = st.pending_end
+  st.offset = start
+  if st.mode == "ram" and pending_end ~= nil and pending_end >= start and
+      pending_end - start <= ctx.len then
+    -- The record cut by the loss was a RAM page of known length: go on after it.
+    ram_count(ctx, 0, pending_end - start, "page", 0)
+    return pending_end - start
+  end
+  st.mode = "lost"
+  return 0
+end
+
 local function parse(tvb, pinfo, tree, conv)
   local key = pinfo.number .. ":" .. tvb:len()
   local st
@@ -745,6 +799,9 @@ local function parse(tvb, pinfo, tree, conv)
   local ctx = {tvb = tvb, pinfo = pinfo, tree = ptree, st = st, len = tvb:len(), info = {},
                visited = pinfo.visited}
   local pos = 0
+  if not pinfo.visited then pos = skip_gap(ctx, conv) end
+  st.pending_end = nil
+  st.seen_end = st.offset + ctx.len
   local idle = 0
   while pos < ctx.len do
     local reader = R[st.mode]
@@ -761,6 +818,7 @@ local function parse(tvb, pinfo, tree, conv)
       end
       ram_flush(ctx)
       pinfo.desegment_offset = pos
+      if needed ~= nil then st.pending_end = st.offset + pos + needed end
       if needed ~= nil and needed > ctx.len - pos then
         pinfo.desegment_len = needed - (ctx.len - pos)
       else
@@ -787,31 +845,29 @@ local function parse(tvb, pinfo, tree, conv)
   return ctx.len
 end
 
-local function conversation_for(pinfo, create)
-  local stream = tcp_stream_field()
-  if stream == nil then return nil end
-  local id = stream.value
-  local conv = conversations[id]
-  if conv == nil and create then
-    conv = {state = new_state(), frames = {},
-            src = tostring(pinfo.src) .. ":" .. pinfo.src_port}
-    conversations[id] = conv
-  end
-  return conv
+-- Keyed by addresses and ports, not by tcp.stream: fields of other protocols are not
+-- filled in on tshark's tree-less first pass (-2), where the state is computed.
+local function direction(pinfo, reverse)
+  local src = tostring(pinfo.src) .. ":" .. pinfo.src_port
+  local dst = tostring(pinfo.dst) .. ":" .. pinfo.dst_port
+  if reverse then return dst .. ">" .. src end
+  return src .. ">" .. dst
 end
 
 function proto.dissector(tvb, pinfo, tree)
-  local conv = conversation_for(pinfo, false)
+  local conv = conversations[direction(pinfo, false)]
   if conv == nil then
+    local forward = conversations[direction(pinfo, true)]
+    if forward ~= nil then
+      pinfo.cols.protocol = "QEMU_MIG"
+      pinfo.cols.info:set("return path, " .. tvb:len() .. " bytes")
+      tree:add(proto, tvb(), "Return path (destination to source)")
+      return tvb:len()
+    end
     -- Claimed by the port preference: decode only a flow that starts with QEVM.
     if tvb:len() < 4 or tvb(0, 4):uint() ~= C.QEVM_MAGIC then return 0 end
-    conv = conversation_for(pinfo, true)
-  end
-  if tostring(pinfo.src) .. ":" .. pinfo.src_port ~= conv.src then
-    pinfo.cols.protocol = "QEMU_MIG"
-    pinfo.cols.info:set("return path, " .. tvb:len() .. " bytes")
-    tree:add(proto, tvb(), "Return path (destination to source)")
-    return tvb:len()
+    conv = {state = new_state(), frames = {}}
+    conversations[direction(pinfo, false)] = conv
   end
   return parse(tvb, pinfo, tree, conv)
 end
@@ -821,7 +877,9 @@ local function heuristic(tvb, pinfo, tree)
       tvb(4, 4):uint() ~= C.QEVM_VERSION then
     return false
   end
-  conversation_for(pinfo, true)
+  if not pinfo.visited then
+    conversations[direction(pinfo, false)] = nil  -- a new connection on an old 4-tuple
+  end
   pinfo.conversation = proto
   proto.dissector(tvb, pinfo, tree)
   return true
@@ -835,6 +893,48 @@ function proto.prefs_changed()
   registered_port = proto.prefs.port
   if registered_port ~= 0 then tcp_port:add(registered_port, proto) end
 end
+
+-- --- the end of the connection ---------------------------------------------------------------
+-- A FIN usually travels in a segment of its own, which TCP hands to no dissector: a
+-- postdissector looks at every frame for the source's FIN and reports a stream that
+-- ends inside a record or before its EOF.
+
+local closer = Proto(PROTOCOL_NAME .. "_close", PROTOCOL_DESCRIPTION .. " (end of connection)")
+local truncated_at_frame = {}  -- frame number -> message, decided on the first pass
+
+local function unfinished(state)
+  if state.mode == "lost" or state.mode == "done" then return nil end
+  local held = (state.seen_end or state.offset) - state.offset
+  if state.mode == "after_eof" and held == 0 then return nil end
+  if held > 0 then
+    return string.format("the connection closes %d bytes into a record at stream offset %d (%s)",
+                         held, state.offset, state.mode)
+  end
+  return string.format("the connection closes at stream offset %d, before the stream's EOF",
+                       state.offset)
+end
+
+function closer.init()
+  truncated_at_frame = {}
+end
+
+function closer.dissector(tvb, pinfo, tree)
+  if not pinfo.visited then
+    if not frame_has_fin() then return end
+    local conv = conversations[direction(pinfo, false)]
+    if conv == nil then return end
+    local message = unfinished(conv.state)
+    if message == nil then return end
+    conv.state = copy(conv.state)
+    conv.state.mode = "lost"
+    truncated_at_frame[pinfo.number] = message
+  end
+  local message = truncated_at_frame[pinfo.number]
+  if message == nil then return end
+  local item = tree:add(proto, tvb(0, 0), "Migration stream cut short")
+  expert(item, "truncated", message)
+end
+register_postdissector(closer)
 
 -- --- statistics menu -----------------------------------------------------------------------
 
