@@ -397,3 +397,29 @@ def test_fault_capture_raises_its_expert_info(plugin: Path, tmp_path: Path, faul
 def test_two_pass_dissection_shows_the_same_records(plugin: Path) -> None:
     capture = CAPTURES / "real" / "postcopy.pcap"
     assert shown_records(plugin, capture, "-2") == migshark_records(capture)
+
+
+# --- fresh real-QEMU captures ------------------------------------------------------------
+
+FRESH_PEERS = {"7.2": ("7.2", None), "10.0": ("10.0", None)}
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("version", sorted(FRESH_PEERS))
+@pytest.mark.parametrize("preset", ["precopy", "postcopy-1node"])
+def test_fresh_real_qemu_capture_equals_migshark(plugin: Path, tmp_path: Path, version: str,
+                                                preset: str) -> None:
+    from testkit.realqemu.harness import PRESETS, run_migration
+    from testkit.require import require_qemu, require_root
+
+    require_tools("tcpdump")
+    require_root()
+    build = require_qemu(version)
+    result = run_migration(PRESETS[preset], tmp_path, source=build, dest=build,
+                           machine=FRESH_PEERS[version][1])
+    for capture in (result.pcap, result.pcapng):
+        if capture is None:
+            continue
+        expected = migshark_records(capture)
+        assert expected
+        assert shown_records(plugin, capture) == expected
