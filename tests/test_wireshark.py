@@ -423,3 +423,66 @@ def test_fresh_real_qemu_capture_equals_migshark(plugin: Path, tmp_path: Path, v
         expected = migshark_records(capture)
         assert expected
         assert shown_records(plugin, capture) == expected
+
+
+# --- expert infos from crafted streams (faults `migshark generate` has no name for) ------
+
+
+def _crafted_streams() -> dict[str, bytes]:
+    from testkit.crafted import StreamBuilder, finish_ok, started
+
+    F = g.BitmapFlag
+    streams: dict[str, bytes] = {}
+    s = started(granularity=1000)
+    finish_ok(s)
+    streams["invalid-granularity"] = s.data()
+    s = started(bitmap_flags=0x05)
+    finish_ok(s)
+    streams["autoload-flag"] = s.data()
+    s = started()
+    s.record(F.COMPLETE | F.EXTRA_FLAGS, flags_width=4)
+    finish_ok(s)
+    streams["unknown-flags"] = s.data()
+    s = StreamBuilder()
+    s.add(bytes([0x55]))
+    streams["unknown-item"] = s.data()
+    s = StreamBuilder()
+    s.section(g.ItemType.SECTION_PART, section_id=99)
+    streams["unknown-section"] = s.data()
+    s = StreamBuilder()
+    s.add(bytes([g.ItemType.COMMAND]) + int(g.Command.PACKAGED).to_bytes(2, "big")
+          + (2).to_bytes(2, "big") + b"\0\0")
+    s.eof()
+    streams["bad-command"] = s.data()
+    return streams
+
+
+CRAFTED = sorted(_crafted_streams())
+
+
+@pytest.mark.parametrize("code", CRAFTED)
+def test_crafted_stream_raises_its_expert_info(plugin: Path, tmp_path: Path, code: str
+                                              ) -> None:
+    from migshark.analyzer.pcapwriter import write_capture
+    from migshark.analyzer.scenario import TransportSpec
+
+    capture = tmp_path / f"{code}.pcap"
+    write_capture(capture, _crafted_streams()[code], TransportSpec())
+    assert code in plugin_experts(_tshark(plugin, capture, "-T", "pdml"))
+    # migshark reports the same code for the same bytes
+    found = {finding.code for finding in analyze_path(capture).all_findings()}
+    assert code in found
+
+
+def test_port_preference_decodes_a_stream_the_heuristic_refuses(plugin: Path,
+                                                                tmp_path: Path) -> None:
+    from migshark.analyzer.pcapwriter import write_capture
+    from migshark.analyzer.scenario import TransportSpec
+
+    capture = tmp_path / "version2.pcap"
+    stream = g.QEVM_MAGIC + (2).to_bytes(4, "big") + bytes([g.ItemType.EOF])
+    transport = TransportSpec()
+    write_capture(capture, stream, transport)
+    assert "bad-version" not in plugin_experts(_tshark(plugin, capture, "-T", "pdml"))
+    by_port = _tshark(plugin, capture, "-T", "pdml", "-o", f"qemu_mig.port:{transport.dport}")
+    assert "bad-version" in plugin_experts(by_port)
