@@ -486,3 +486,36 @@ def test_port_preference_decodes_a_stream_the_heuristic_refuses(plugin: Path,
     assert "bad-version" not in plugin_experts(_tshark(plugin, capture, "-T", "pdml"))
     by_port = _tshark(plugin, capture, "-T", "pdml", "-o", f"qemu_mig.port:{transport.dport}")
     assert "bad-version" in plugin_experts(by_port)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("version", sorted(FRESH_PEERS))
+def test_fresh_multifd_capture_equals_migshark(plugin: Path, tmp_path: Path, version: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from testkit.realqemu import harness
+    from testkit.require import require_qemu, require_root
+
+    require_tools("tcpdump")
+    require_root()
+    build = require_qemu(version)
+
+    def caps_with_multifd(qmp: harness.QMPClient) -> None:
+        qmp.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": name, "state": True}
+            for name in ("dirty-bitmaps", "events", "multifd")])
+
+    monkeypatch.setattr(harness, "_set_caps", caps_with_multifd)
+    result = harness.run_migration(harness.PRESETS["precopy"], tmp_path, source=build,
+                                   dest=build)
+    assert result.pcap is not None
+    expected = migshark_records(result.pcap)
+    assert expected
+    assert shown_records(plugin, result.pcap) == expected
+    # The multifd channels (their own connections, magic 0x11223344) are not claimed.
+    frames = _tshark(plugin, result.pcap, "-Y", "qemu_mig", "-T", "fields",
+                     "-e", "tcp.stream").split()
+    assert len(set(frames)) == 1
+    channels = _tshark(plugin, result.pcap, "-Y", "tcp.payload[0:4] == 11:22:33:44",
+                       "-T", "fields", "-e", "tcp.stream").split()
+    assert len(set(channels)) >= 2, "the migration used no multifd channel"
+    assert set(channels).isdisjoint(frames)
