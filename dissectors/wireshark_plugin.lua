@@ -80,6 +80,20 @@ local function text(ctx, pos, length)
   return ctx.tvb(pos, length):string()
 end
 
+local function be32_bytes(n)
+  return string.char(band(math.floor(n / 16777216), 255), band(math.floor(n / 65536), 255),
+                     band(math.floor(n / 256), 255), band(n, 255))
+end
+local QEVM_HEADER = be32_bytes(C.QEVM_MAGIC) .. be32_bytes(C.QEVM_VERSION)
+
+-- "whole" when the tvb starts with the first `count` bytes of the stream header,
+-- "prefix" when all of a shorter tvb agrees with them, nil otherwise.
+local function header_match(tvb, count)
+  local n = math.min(tvb:len(), count)
+  if n == 0 or tvb:raw(0, n) ~= string.sub(QEVM_HEADER, 1, n) then return nil end
+  return n == count and "whole" or "prefix"
+end
+
 local function is_power_of_two(n)
   if n < 1 then return false end
   while n > 1 do
@@ -389,9 +403,7 @@ local ITEM_AFTER_FOOTER = {[C.ITEM_EOF] = true, [C.ITEM_SECTION_START] = true,
 function R.device(ctx, pos)
   local section = ctx.st.cur
   local data = ctx.tvb:raw(pos, ctx.len - pos)
-  local marker = string.char(C.ITEM_SECTION_FOOTER, band(math.floor(section.id / 16777216), 255),
-    band(math.floor(section.id / 65536), 255), band(math.floor(section.id / 256), 255),
-    band(section.id, 255))
+  local marker = string.char(C.ITEM_SECTION_FOOTER) .. be32_bytes(section.id)
   local from = 1
   local at
   while true do
@@ -865,7 +877,7 @@ function proto.dissector(tvb, pinfo, tree)
       return tvb:len()
     end
     -- Claimed by the port preference: decode only a flow that starts with QEVM.
-    if tvb:len() < 4 or tvb(0, 4):uint() ~= C.QEVM_MAGIC then return 0 end
+    if header_match(tvb, 4) == nil then return 0 end
     conv = {state = new_state(), frames = {}}
     conversations[direction(pinfo, false)] = conv
   end
@@ -873,9 +885,12 @@ function proto.dissector(tvb, pinfo, tree)
 end
 
 local function heuristic(tvb, pinfo, tree)
-  if tvb:len() < 8 or tvb(0, 4):uint() ~= C.QEVM_MAGIC or
-      tvb(4, 4):uint() ~= C.QEVM_VERSION then
-    return false
+  local match = header_match(tvb, #QEVM_HEADER)
+  if match == nil then return false end
+  if match == "prefix" then
+    -- A first segment shorter than the header: believe it only at the flow's start.
+    local seq = tcp_seq_field()
+    if seq == nil or seq.value ~= 1 then return false end
   end
   if not pinfo.visited then
     conversations[direction(pinfo, false)] = nil  -- a new connection on an old 4-tuple

@@ -519,3 +519,21 @@ def test_fresh_multifd_capture_equals_migshark(plugin: Path, tmp_path: Path, ver
                        "-T", "fields", "-e", "tcp.stream").split()
     assert len(set(channels)) >= 2, "the migration used no multifd channel"
     assert set(channels).isdisjoint(frames)
+
+
+@pytest.mark.parametrize("messy", [False, True], ids=["clean", "messy"])
+@pytest.mark.parametrize("seed", [1, 2])
+def test_any_segmentation_gives_the_same_records(plugin: Path, tmp_path: Path, seed: int,
+                                                 messy: bool) -> None:
+    """A real stream cut into segments of 1 byte to 64 KiB; messy adds duplicates,
+    swapped segments and return-path bytes."""
+    from testkit.pcapfiles import write_pcap
+    from testkit.tcpflows import Conn, migration_frames
+
+    stream = (CAPTURES / "real" / "exec.bin").read_bytes()
+    conn = Conn("10.0.0.1", 40000, "10.0.0.2", 4444)
+    capture = write_pcap(tmp_path / "cut.pcap", migration_frames(conn, stream, seed, messy))
+    expected = migshark_records(capture)
+    assert len(expected) > 10
+    shown = shown_records(plugin, capture, "-o", "tcp.reassemble_out_of_order:TRUE")
+    assert shown == expected
