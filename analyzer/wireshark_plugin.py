@@ -11,13 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-from migshark.analyzer.findings import CATALOGUE
+from migshark.analyzer.findings import CATALOGUE, Code
 from migshark.dissectors.wireshark import ExpertSource, default_plugin_path, generate_plugin
 
 
 def expert_sources() -> dict[str, ExpertSource]:
     """The findings catalogue as the plugin generator takes it."""
-    return {code: ExpertSource(kind.severity.label, kind.meaning)
+    # A stream cut inside a record is malformed data; every other code is the protocol's.
+    return {code: ExpertSource(kind.severity.label, kind.meaning,
+                               malformed=code is Code.TRUNCATED)
             for code, kind in CATALOGUE.items()}
 
 

@@ -12,6 +12,7 @@ from the caller (the CLI passes analyzer.findings' catalogue) as `ExpertSource`s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -26,19 +27,11 @@ GENERATED_MARK = "--@@GENERATED@@"
 PROTOCOL_NAME = "qemu_mig"
 PROTOCOL_DESCRIPTION = "QEMU migration stream"
 
-# The finding codes the plugin can see record by record, without the bitmap tracker's
-# memory of the whole migration or a destination's configuration.
-EXPERT_CODES = (
-    "bad-magic", "bad-version", "unknown-item", "truncated", "footer-mismatch",
-    "unknown-section", "bad-section-version", "missing-eos", "invalid-granularity",
-    "reserved-start-flags", "buffer-too-large", "unknown-flags", "multibyte-flags",
-    "autoload-flag", "bad-packaged", "bad-command", "capture-gap",
-)
-
-# Wireshark's expert severities for the catalogue's (analyzer.records.Severity values).
+# Wireshark's expert severities for the catalogue's (analyzer.records.Severity labels).
 _SEVERITY_CONSTANTS = {"error": "PI_ERROR", "warning": "PI_WARN", "note": "PI_NOTE"}
-# Expert groups: a record cut short is malformed; everything else is the protocol's.
-_MALFORMED_CODES = frozenset(("truncated",))
+# The template names the finding codes it raises, `expert(item, "code", ...)`: that is
+# the one list of them (the codes themselves are the analyzer's, passed in).
+_EXPERT_CALL = re.compile(r'expert\([^,]+, "([a-z0-9-]+)"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +40,7 @@ class ExpertSource:
 
     severity: str
     meaning: str
+    malformed: bool = False  # Wireshark's PI_MALFORMED group rather than PI_PROTOCOL
 
 
 def default_plugin_path() -> Path:
@@ -169,12 +163,18 @@ def _fields() -> list[str]:
     return lines
 
 
-def _experts(catalogue: Mapping[str, ExpertSource]) -> list[str]:
+def expert_codes(template: str | None = None) -> list[str]:
+    """The finding codes the template raises, in order of first use."""
+    found = _EXPERT_CALL.findall(template if template is not None else _template())
+    return list(dict.fromkeys(found))
+
+
+def _experts(catalogue: Mapping[str, ExpertSource], codes: list[str]) -> list[str]:
     lines = ["local EXPERT = {}"]
-    for code in EXPERT_CODES:
+    for code in codes:
         entry = catalogue[code]  # a KeyError here: the catalogue lost a code we show
         severity = _SEVERITY_CONSTANTS[entry.severity]
-        group = "PI_MALFORMED" if code in _MALFORMED_CODES else "PI_PROTOCOL"
+        group = "PI_MALFORMED" if entry.malformed else "PI_PROTOCOL"
         abbrev = _lua_string(f"{PROTOCOL_NAME}.expert.{code}")
         lines.append(f"EXPERT[{_lua_string(code)}] = ProtoExpert.new({abbrev}, "
                      f"{_lua_string(entry.meaning)}, {group}, {severity})")
@@ -196,9 +196,9 @@ def generate_plugin(catalogue: Mapping[str, ExpertSource]) -> str:
         "-- Do not edit: run `migshark wireshark-plugin -o FILE.lua` instead.",
         f"local PROTOCOL_NAME = {_lua_string(PROTOCOL_NAME)}",
         f"local PROTOCOL_DESCRIPTION = {_lua_string(PROTOCOL_DESCRIPTION)}",
-        *_constants(), *_fields(), *_experts(catalogue),
+        *_constants(), *_fields(), *_experts(catalogue, expert_codes(template)),
     ]
     return template.replace(GENERATED_MARK, "\n".join(generated))
 
 
-__all__ = ["EXPERT_CODES", "ExpertSource", "default_plugin_path", "generate_plugin"]
+__all__ = ["ExpertSource", "default_plugin_path", "expert_codes", "generate_plugin"]
