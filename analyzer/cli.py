@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--timeout", type=float, default=30.0,
                         help="seconds to wait for the destination (default 30)")
     replay.set_defaults(handler=cmd_replay)
+
+    plugin = sub.add_parser("wireshark-plugin",
+                            help="write the Wireshark Lua dissector (docs/wireshark.md)")
+    plugin_target = plugin.add_mutually_exclusive_group(required=True)
+    plugin_target.add_argument("-o", "--output", metavar="FILE.lua", help="write it here")
+    plugin_target.add_argument("--install", action="store_true",
+                               help="put it in Wireshark's personal Lua plugin folder")
+    plugin.set_defaults(handler=cmd_wireshark_plugin)
     return parser
 
 
@@ -211,6 +219,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"migshark generate: {conflict}", file=sys.stderr)
         return EXIT_UNREADABLE
     return run_generate(args)
+
+
+def cmd_wireshark_plugin(args: argparse.Namespace) -> int:
+    from migshark.analyzer.wireshark_plugin import run_wireshark_plugin
+
+    return run_wireshark_plugin(args)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
