@@ -352,8 +352,9 @@ class CaptureDemux:
     """Feeds TCP segments through reassembly to one MigrationStream per migration flow.
 
     A flow is a migration when its first bytes are QEVM, when its destination port is
-    the one asked for, or (no port asked for) when migration records turn up in its
-    first SNIFF_LIMIT bytes: a capture that began after the migration did.
+    the one asked for, or (no port asked for, and the capture missed the flow's start)
+    when migration records turn up in its first SNIFF_LIMIT bytes: a capture that began
+    after the migration did.
     Used by offline analysis and by live capture.
     """
 
@@ -366,6 +367,9 @@ class CaptureDemux:
         self._pending: dict[FlowKey, bytearray] = {}
         self._ignored: set[FlowKey] = set()
         self._sniffing: dict[FlowKey, _Sniffer] = {}
+        # Flows whose SYN the capture holds: their first bytes are the stream's first,
+        # so one that does not start with QEVM is no migration and is never searched.
+        self._started: set[FlowKey] = set()
         self.on_stream_end: Callable[[MigrationStream], None] | None = None
 
     def stream_of(self, flow: FlowKey) -> MigrationStream | None:
@@ -444,6 +448,7 @@ class CaptureDemux:
                 else:
                     self._ignored.add(flow)
                 self._pending.pop(flow, None)
+                self._started.discard(flow)
                 return
             pending += event.data
             if len(pending) < 4:
@@ -453,11 +458,12 @@ class CaptureDemux:
             by_magic = self.options.port is None and pending[:4] == QEVM_MAGIC
             if by_port or by_magic:
                 self._start(flow).feed(bytes(pending), event.timestamp)
-            elif self.options.port is None:
+            elif self.options.port is None and flow not in self._started:
                 sniffer = self._sniffing[flow] = _Sniffer(0)
                 self._sniff(flow, sniffer, bytes(pending), event.timestamp)
             else:
                 self._ignored.add(flow)
+            self._started.discard(flow)
         elif isinstance(event, StreamGap):
             stream = self._by_flow.get(flow)
             if stream is not None:
@@ -478,4 +484,5 @@ class CaptureDemux:
             if stream is not None:
                 self._end(stream)
         elif isinstance(event, StreamOpened):
-            pass
+            if event.syn_seen:
+                self._started.add(flow)
