@@ -721,12 +721,7 @@ class BitmapTracker:
                 continue
             found += self._apply_bits(state, chunk)
         if complete is not None and state.coverage and not state.covered_from_zero():
-            holes = _holes(state.coverage)
-            found.append(self._finding(
-                Code.COVERAGE_GAP, complete,
-                f"COMPLETE for {label} while sectors never arrived: "
-                + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
-                + (" ..." if len(holes) > 5 else "")))
+            found.append(self._coverage_gap(state, complete, label))
         return found
 
     def _check_disk_end(self, state: BitmapState, record: Record, first: int, count: int,
@@ -790,13 +785,16 @@ class BitmapTracker:
             return found
         state.completed_at = record.offset
         if state.coverage and not state.covered_from_zero():
-            holes = _holes(state.coverage)
-            found.append(self._finding(
-                Code.COVERAGE_GAP, record,
-                f"COMPLETE for {label} while sectors never arrived: "
-                + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
-                + (" ..." if len(holes) > 5 else "")))
+            found.append(self._coverage_gap(state, record, label))
         return found
+
+    def _coverage_gap(self, state: BitmapState, complete: Record, label: str) -> Finding:
+        holes = _holes(state.coverage)
+        return self._finding(
+            Code.COVERAGE_GAP, complete,
+            f"COMPLETE for {label} while sectors never arrived: "
+            + ", ".join(f"{lo}..{hi}" for lo, hi in holes[:5])
+            + (" ..." if len(holes) > 5 else ""))
 
 
 def describe_fits(fits: list[int]) -> str:
